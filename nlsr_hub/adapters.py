@@ -1,0 +1,286 @@
+"""PEFT LoRA adapters on disk <-> `LoraAdapter` in memory.
+
+This is the only module that knows PEFT's file and key format. In memory an adapter is a mapping from the
+canonical module name (as ``named_modules()`` of the base model spells it, e.g.
+``model.layers.0.self_attn.q_proj``) to a `LoraModule` holding ``A`` (r x d_in), ``B`` (d_out x r) and the
+module's scale ``s``, so that the module's weight update is ``s * B @ A``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .io import atomic_write_bytes, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+_PREFIX = "base_model.model."
+_KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+_LAYER_RE = re.compile(r"\.(\d+)\.")
+_UNSUPPORTED_KEYS = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+class AdapterError(ValueError):
+    """An adapter directory or its contents cannot be used; the message says why and how to fix it."""
+
+
+def layer_index(module_name: str) -> int | None:
+    """The block index of a module (the first ``.<digits>.`` component), or None outside the blocks."""
+    match = _LAYER_RE.search(f".{module_name}.")
+    return int(match.group(1)) if match else None
+
+
+def module_type(module_name: str) -> str:
+    """The module's own name inside its block, e.g. ``q_proj``."""
+    return module_name.rsplit(".", 1)[-1]
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One LoRA-adapted linear module: ``delta = scale * B @ A``."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+
+    def __post_init__(self) -> None:
+        if self.A.ndim != 2 or self.B.ndim != 2 or self.B.shape[1] != self.A.shape[0]:
+            raise AdapterError(
+                f"LoRA factors do not chain: A has shape {tuple(self.A.shape)}, B has shape {tuple(self.B.shape)}; "
+                "expected A (r x d_in) and B (d_out x r)."
+            )
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(d_out, d_in) of the weight update."""
+        return int(self.B.shape[0]), int(self.A.shape[1])
+
+    def delta(self) -> torch.Tensor:
+        """The dense weight update in float32 (for tests and small modules only)."""
+        return self.scale * (self.B.float() @ self.A.float())
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """A LoRA adapter: modules by canonical name, the PEFT config it came with, and passthrough tensors."""
+
+    modules: Mapping[str, LoraModule]
+    config: Mapping[str, Any]
+    extra_tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.modules)
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def __getitem__(self, name: str) -> LoraModule:
+        return self.modules[name]
+
+    @property
+    def base_model_name_or_path(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    def num_parameters(self) -> int:
+        return sum(m.A.numel() + m.B.numel() for m in self.modules.values())
+
+    def nbytes(self) -> int:
+        return sum(m.A.numel() * m.A.element_size() + m.B.numel() * m.B.element_size() for m in self.modules.values())
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def _pattern_value(patterns: Mapping[str, Any] | None, name: str, default: Any) -> Any:
+    """PEFT's pattern lookup: the first key matching the end of the module name wins."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def module_scale(config: Mapping[str, Any], name: str, rank: int) -> float:
+    """The LoRA scale PEFT gives module `name` of rank `rank` under `config`."""
+    alpha = _pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", 8))
+    denominator = math.sqrt(rank) if config.get("use_rslora", False) else rank
+    return float(alpha) / denominator
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterError(
+            f"{directory} is not a PEFT adapter: `{CONFIG_NAME}` is missing. Point to the folder written by "
+            "`PeftModel.save_pretrained`."
+        )
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{path} is not valid JSON ({err}); the file is corrupt, re-save the adapter.") from None
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise AdapterError(f"{directory} holds a {peft_type} adapter; nlsr-hub works on LoRA adapters only.")
+    if config.get("use_dora"):
+        raise AdapterError(f"{directory} is a DoRA adapter; its magnitude vectors are not supported yet.")
+    return config
+
+
+def _read_tensors(directory: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    weights = directory / WEIGHTS_NAME
+    pickled = directory / PICKLE_WEIGHTS_NAME
+    if weights.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(weights))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise AdapterError(
+                f"{weights} could not be read as safetensors ({err}). The file is corrupt or truncated: "
+                "download or save the adapter again."
+            ) from None
+    if pickled.is_file():
+        if not allow_pickle:
+            raise AdapterError(
+                f"{directory} only has pickled weights (`{PICKLE_WEIGHTS_NAME}`). Pickle files can run arbitrary "
+                "code when loaded, so nlsr-hub refuses them by default. Convert the adapter to safetensors "
+                "(`PeftModel.save_pretrained(..., safe_serialization=True)`), or pass `allow_pickle=True` "
+                "if you trust its source (it is then read with `torch.load(weights_only=True)`)."
+            )
+        return torch.load(str(pickled), map_location="cpu", weights_only=True)
+    raise AdapterError(
+        f"{directory} has `{CONFIG_NAME}` but no weights: `{WEIGHTS_NAME}` is missing. Save the adapter again."
+    )
+
+
+def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter:
+    """Read a PEFT LoRA adapter directory into a `LoraAdapter` (canonical names, per-module scales).
+
+    Args:
+        path: folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
+        allow_pickle: read a pickled ``adapter_model.bin`` (with ``weights_only=True``) when no
+            safetensors file exists. Off by default: pickle files can execute code.
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise AdapterError(f"Adapter folder {directory} does not exist; pass a local folder or a Hub repo id.")
+    config = _read_config(directory)
+    tensors = _read_tensors(directory, allow_pickle)
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    extra: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        if any(marker in key for marker in _UNSUPPORTED_KEYS):
+            raise AdapterError(f"{directory}: tensor {key!r} is an embedding LoRA or DoRA part, not supported yet.")
+        bare = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+        match = _KEY_RE.match(bare)
+        if match is None:
+            extra[key] = tensor
+            continue
+        factors.setdefault(match.group("module"), {})[match.group("factor")] = tensor
+    if not factors:
+        raise AdapterError(f"{directory} holds no LoRA tensors (no `*.lora_A.weight` keys); is it a LoRA adapter?")
+    modules: dict[str, LoraModule] = {}
+    for name in sorted(factors):
+        pair = factors[name]
+        if set(pair) != {"A", "B"}:
+            missing = ({"A", "B"} - set(pair)).pop()
+            raise AdapterError(f"{directory}: module {name!r} has no lora_{missing} tensor; the file is incomplete.")
+        rank = int(pair["A"].shape[0])
+        configured = _pattern_value(config.get("rank_pattern"), name, config.get("r", rank))
+        if int(configured) != rank:
+            raise AdapterError(
+                f"{directory}: module {name!r} has rank {rank} in its weights but {configured} in "
+                f"`{CONFIG_NAME}` (r / rank_pattern); the config and weights do not belong together."
+            )
+        modules[name] = LoraModule(pair["A"], pair["B"], module_scale(config, name, rank))
+    return LoraAdapter(modules=modules, config=config, extra_tensors=extra)
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+def _alpha_for(scale: float, rank: int, rslora: bool) -> float | int:
+    alpha = scale * (math.sqrt(rank) if rslora else rank)
+    return int(alpha) if float(alpha).is_integer() else alpha
+
+
+def adapter_config_for(adapter: LoraAdapter) -> dict[str, Any]:
+    """The PEFT config of `adapter`: its own config plus explicit rank/alpha patterns where a module's
+    rank or scale differs from what the config alone would give it. New pattern entries come first, so
+    PEFT's first-match lookup finds them before any broader pattern of the source config."""
+    config = copy.deepcopy(dict(adapter.config))
+    rslora = bool(config.get("use_rslora", False))
+    new_ranks: dict[str, int] = {}
+    new_alphas: dict[str, float | int] = {}
+    for name, module in adapter.modules.items():
+        configured_rank = int(_pattern_value(config.get("rank_pattern"), name, config.get("r", module.rank)))
+        if configured_rank != module.rank:
+            new_ranks[name] = module.rank
+        if not math.isclose(module_scale(config, name, module.rank), module.scale, rel_tol=1e-12, abs_tol=0.0):
+            new_alphas[name] = _alpha_for(module.scale, module.rank, rslora)
+        elif name in new_ranks:
+            new_alphas[name] = _alpha_for(module.scale, module.rank, rslora)
+    if new_ranks:
+        config["rank_pattern"] = {**new_ranks, **{k: v for k, v in (config.get("rank_pattern") or {}).items()
+                                                  if k not in new_ranks}}
+    if new_alphas:
+        config["alpha_pattern"] = {**new_alphas, **{k: v for k, v in (config.get("alpha_pattern") or {}).items()
+                                                    if k not in new_alphas}}
+    config["peft_type"] = "LORA"
+    return config
+
+
+def adapter_state_dict(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
+    """The tensors PEFT saves for `adapter` (keys ``base_model.model.<module>.lora_{A,B}.weight``)."""
+    state: dict[str, torch.Tensor] = {}
+    for name, module in adapter.modules.items():
+        state[f"{_PREFIX}{name}.lora_A.weight"] = module.A.contiguous()
+        state[f"{_PREFIX}{name}.lora_B.weight"] = module.B.contiguous()
+    state.update({k: v.contiguous() for k, v in adapter.extra_tensors.items()})
+    return state
+
+
+def save_adapter(adapter: LoraAdapter, path: str | Path) -> Path:
+    """Write `adapter` as a stock PEFT adapter folder (atomic per file, byte-deterministic)."""
+    from safetensors.torch import save
+
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = adapter_state_dict(adapter)
+    payload = save(dict(sorted(state.items())), metadata={"format": "pt"})
+    atomic_write_bytes(directory / WEIGHTS_NAME, payload)
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(adapter_config_for(adapter), indent=2) + "\n")
+    return directory
+
+
+def peft_config_object(adapter: LoraAdapter) -> Any:
+    """A `peft.LoraConfig` for `adapter` (used to attach it to a model in memory)."""
+    from peft import LoraConfig
+
+    config = adapter_config_for(adapter)
+    known = set(LoraConfig.__dataclass_fields__)
+    kwargs = {k: v for k, v in config.items() if k in known and k not in ("peft_type", "task_type")}
+    for key in ("layers_to_transform", "layers_pattern", "modules_to_save", "exclude_modules"):
+        kwargs.pop(key, None)
+    kwargs["target_modules"] = sorted(adapter.modules)  # exact names: attach to these modules only
+    kwargs["lora_dropout"] = 0.0
+    kwargs["inference_mode"] = True
+    return LoraConfig(**kwargs)
+

@@ -1,0 +1,144 @@
+"""`NLSRConfig`: every knob of a realignment, with its default and help.
+
+This dataclass is the single source of truth for the CLI flags and the Space inputs: both are generated
+from its fields (``metadata["help"]``, ``metadata["choices"]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+SELECTIONS = ("adaptive", "threshold", "fraction", "blocks")
+RESTORATIONS = ("neuron", "swap", "module")
+GRANULARITIES = ("element", "row")
+
+
+def _field(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def parse_block_ranges(spec: str) -> tuple[int, ...]:
+    """Parse ``"0-3,8,10-11"`` into sorted block indices ``(0, 1, 2, 3, 8, 10, 11)``."""
+    blocks: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        try:
+            start, stop = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise ValueError(f"`blocks` must look like '0-3,8'; could not read {part!r}.") from None
+        if start < 0 or stop < start:
+            raise ValueError(f"`blocks` range {part!r} is empty or negative; write 'start-stop' with start <= stop.")
+        blocks.update(range(start, stop + 1))
+    if not blocks:
+        raise ValueError("`blocks` names no block; write e.g. '0-3,8'.")
+    return tuple(sorted(blocks))
+
+
+@dataclass(frozen=True)
+class NLSRConfig:
+    """Configuration of one NLSR realignment (defaults follow the paper, see SPEC.md)."""
+
+    beta: float = _field(0.9, "EXPO extrapolation strength: reference = (1+beta)*aligned - beta*weak. 0 = aligned.")
+    scorer: str = _field("low_rank", "Safety-critical neuron scorer (see `nlsr_hub.scoring.SCORERS`).")
+    sparsity_ratio: float = _field(
+        0.8, "P_SR: share of each factor that is NOT safety-critical; the top (1 - P_SR) entries are kept."
+    )
+    granularity: str = _field(
+        "element", "Mask granularity: 'element' (entries of A and B, the paper) or 'row' (output neurons).",
+        GRANULARITIES,
+    )
+    selection: str = _field("adaptive", "How modules to patch are chosen.", SELECTIONS)
+    prune_ratio: float = _field(0.5, "P_L of adaptive selection: expected share of modules left unpatched.")
+    epsilon: float = _field(0.2, "Epsilon of adaptive selection: keep probabilities span P_L +/- epsilon.")
+    threshold: float = _field(0.8, "Tau of threshold selection: patch modules whose similarity is below it.")
+    fraction: float = _field(0.2, "Share of modules patched by fraction selection (the least similar ones).")
+    blocks: str | None = _field(None, "Block ranges patched by 'blocks' selection, e.g. '0-3,8'.")
+    restoration: str = _field(
+        "neuron", "How patched modules are restored: 'neuron' (exact Eq. 11), 'swap' (factor-wise), "
+        "'module' (whole module replaced by the reference).", RESTORATIONS,
+    )
+    compat: bool = _field(False, "Reproduce the published code's four differences from the paper (SPEC.md).")
+    seed: int = _field(42, "Seed of every random draw (adaptive selection, random scorer).")
+    max_calibration_samples: int = _field(256, "Most calibration pairs used for scoring.")
+    batch_size: int = _field(8, "Calibration batch size.")
+    max_length: int = _field(512, "Calibration sequences are truncated to this many tokens.")
+
+    def __post_init__(self) -> None:
+        from .scoring import SCORERS  # local import: scoring imports nothing from here at module level
+
+        if self.scorer not in SCORERS:
+            raise ValueError(f"Unknown `scorer` {self.scorer!r}; valid scorers: {', '.join(sorted(SCORERS))}.")
+        for name, choices in (
+            ("granularity", GRANULARITIES), ("selection", SELECTIONS), ("restoration", RESTORATIONS)
+        ):
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"Unknown `{name}` {value!r}; valid values: {', '.join(choices)}.")
+        if self.beta < 0:
+            raise ValueError(f"`beta` must be >= 0 (got {self.beta}); 0 uses the aligned adapter itself.")
+        for name in ("sparsity_ratio", "prune_ratio", "fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"`{name}` must lie in [0, 1] (got {value}).")
+        if self.sparsity_ratio >= 1.0:
+            raise ValueError("`sparsity_ratio` must be < 1, otherwise no neuron is safety-critical.")
+        if not 0.0 <= self.epsilon <= min(self.prune_ratio, 1.0 - self.prune_ratio):
+            raise ValueError(
+                f"`epsilon` must lie in [0, min(prune_ratio, 1 - prune_ratio)] so probabilities stay in [0, 1] "
+                f"(got epsilon={self.epsilon}, prune_ratio={self.prune_ratio})."
+            )
+        if not -1.0 <= self.threshold <= 1.0:
+            raise ValueError(f"`threshold` is a cosine similarity and must lie in [-1, 1] (got {self.threshold}).")
+        if self.selection == "blocks":
+            if not self.blocks:
+                raise ValueError("`selection='blocks'` needs `blocks`, e.g. blocks='0-3,8'.")
+            parse_block_ranges(self.blocks)
+        for name in ("max_calibration_samples", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be a positive integer (got {getattr(self, name)}).")
+        if self.compat and self.restoration == "module":
+            raise ValueError("`compat=True` restores factor-wise ('swap'); it cannot be combined with 'module'.")
+
+    @property
+    def effective_restoration(self) -> str:
+        """The restoration actually used: the published code always swaps factors."""
+        return "swap" if self.compat else self.restoration
+
+    def replace(self, **changes: Any) -> NLSRConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NLSRConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown NLSRConfig field(s) {unknown}; valid fields: {sorted(known)}.")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> NLSRConfig:
+        return cls.from_dict(json.loads(text))
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> NLSRConfig:
+        import yaml
+
+        return cls.from_dict(yaml.safe_load(text) or {})

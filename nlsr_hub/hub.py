@@ -1,0 +1,135 @@
+"""The only module that talks to the network: resolve inputs to local folders, upload in one commit."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .adapters import AdapterError
+from .refs import InputRef
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+PATCH_FILES = ("nlsr_safety_patch.json", "nlsr_safety_patch.safetensors")
+MODEL_PATTERNS = ("*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja")
+
+
+@dataclass(frozen=True)
+class ResolvedInput:
+    """An input after resolution: its local folder, and for Hub inputs the repo and resolved commit."""
+
+    spec: str
+    local_path: Path
+    repo_id: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+    subfolder: str | None = None
+
+    def lineage(self) -> dict[str, Any]:
+        """What the plan and the model card record about this input."""
+        if self.repo_id is None:
+            return {"spec": self.spec, "path": str(self.local_path)}
+        return {"spec": self.spec, "repo_id": self.repo_id, "revision": self.revision or "main",
+                "commit": self.commit, "subfolder": self.subfolder}
+
+
+def resolve(
+    spec: str | Path,
+    *,
+    files: Sequence[str] = ADAPTER_FILES,
+    patterns: Sequence[str] | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+    force_download: bool = False,
+) -> ResolvedInput:
+    """Resolve `spec` to a local folder, downloading only `files` (or `patterns`) from the Hub if needed.
+
+    Honours `revision`, `token`, `cache_dir`, `local_files_only` and ``HF_HUB_OFFLINE``. Raises a
+    `ValueError` naming the problem for unknown repos, revisions, missing files and auth failures.
+    """
+    ref = InputRef.parse(spec, revision=revision)
+    if ref.path is not None:
+        return ResolvedInput(spec=ref.spec, local_path=ref.path)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    prefix = f"{ref.subfolder}/" if ref.subfolder else ""
+    allow = [prefix + p for p in (patterns if patterns is not None else files)]
+    where = f"{ref.repo_id}@{ref.revision or 'main'}"
+    try:
+        snapshot = Path(snapshot_download(
+            ref.repo_id, revision=ref.revision, allow_patterns=allow, token=token, cache_dir=cache_dir,
+            local_files_only=local_files_only, force_download=force_download,
+        ))
+    except GatedRepoError:
+        raise ValueError(f"{ref.repo_id} is gated: accept its terms on the Hub and pass a `token`.") from None
+    except RepositoryNotFoundError:
+        raise ValueError(
+            f"Repository {ref.repo_id!r} was not found on the Hub (or it is private: pass `token`). "
+            "Check the repo id."
+        ) from None
+    except RevisionNotFoundError:
+        raise ValueError(f"Revision {ref.revision!r} does not exist in {ref.repo_id}; check the branch, tag or commit.")\
+            from None
+    except EntryNotFoundError:
+        raise ValueError(f"{where} lacks the files {list(files)}.") from None
+    except LocalEntryNotFoundError:
+        raise ValueError(
+            f"{where} is not in the local Hub cache and downloads are off (offline mode or "
+            "`local_files_only=True`); download it once while online."
+        ) from None
+    except HfHubHTTPError as err:
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise ValueError(f"The Hub refused access to {ref.repo_id} ({status}): pass a valid `token`.") from None
+        raise ValueError(f"Downloading {where} failed: {err}") from None
+    local = snapshot / ref.subfolder if ref.subfolder else snapshot
+    missing = [f for f in files if not (local / f).is_file()]
+    if missing and patterns is None:
+        raise AdapterError(
+            f"{where}{':' + ref.subfolder if ref.subfolder else ''} has no {', '.join(missing)}: it is not a "
+            "PEFT adapter (or nlsr safety patch) repo; point to the folder that holds these files."
+        )
+    return ResolvedInput(spec=ref.spec, local_path=local, repo_id=ref.repo_id, revision=ref.revision,
+                         commit=snapshot.name, subfolder=ref.subfolder)
+
+
+def push_folder_with(
+    write: Callable[[Path], Any],
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str = "Upload with nlsr-hub",
+    commit_description: str | None = None,
+) -> Any:
+    """Write a folder with `write(folder)` into a temporary directory and upload it in one commit.
+
+    Returns huggingface_hub's `CommitInfo`. Nothing is committed if the upload fails part-way.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    with tempfile.TemporaryDirectory(prefix="nlsr-push-") as tmp:
+        write(Path(tmp))
+        return api.upload_folder(
+            repo_id=repo_id, folder_path=tmp, revision=revision, create_pr=create_pr,
+            commit_message=commit_message, commit_description=commit_description, repo_type="model",
+        )

@@ -1,0 +1,104 @@
+"""Loading the base model and attaching an in-memory adapter to it for calibration passes.
+
+`attached_adapter` wraps the model in a `PeftModel` holding the given `LoraAdapter` (its exact tensors and
+per-module scales) and always unloads it again, so the base model leaves unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from .adapters import LoraAdapter, peft_config_object
+
+ADAPTER_NAME = "nlsr_reference"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """``"float32"``/``"bfloat16"``/``"float16"``/a torch dtype; None means float32."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        resolved = getattr(torch, dtype)
+    except AttributeError:
+        resolved = None
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"Unknown `dtype` {dtype!r}; use float32, bfloat16 or float16.")
+    return resolved
+
+
+def load_base_model(
+    path: str, *, dtype: str | torch.dtype | None = None, device: str | None = None, **hub_kwargs: Any
+) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer from a local folder or Hub id (safetensors only, never remote code).
+
+    `hub_kwargs` are passed through: ``revision``, ``token``, ``cache_dir``, ``local_files_only``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=resolve_dtype(dtype), use_safetensors=True, **hub_kwargs
+    )
+    model.eval()
+    if device:
+        model.to(device)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def check_model_shapes(model: Any, adapter: LoraAdapter) -> None:
+    """Raise a `ValueError` if an adapter module is missing from `model` or has another shape."""
+    from .adapters import AdapterError
+
+    for name, module in adapter.modules.items():
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            raise AdapterError(
+                f"The base model has no module {name!r} that the adapter targets; the adapter was trained on "
+                "another model family or architecture."
+            ) from None
+        weight = getattr(layer, "weight", None)
+        if weight is None or tuple(weight.shape) != module.shape:
+            shape = tuple(weight.shape) if weight is not None else None
+            raise AdapterError(
+                f"Module {name!r} has weight shape {shape} in the base model but the adapter expects "
+                f"{module.shape} (d_out, d_in): the adapter belongs to a different base model."
+            )
+
+
+@contextlib.contextmanager
+def attached_adapter(model: Any, adapter: LoraAdapter, *, trainable: bool = False) -> Iterator[Any]:
+    """Yield a `PeftModel` of `model` carrying `adapter` exactly; the adapter is unloaded on exit.
+
+    With ``trainable=True`` only the LoRA weights require gradients; the base model's flags are restored.
+    """
+    from peft import PeftModel
+
+    check_model_shapes(model, adapter)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.requires_grad_(False)
+    peft_model = PeftModel(model, peft_config_object(adapter), adapter_name=ADAPTER_NAME)
+    try:
+        for name, module in adapter.modules.items():
+            layer = peft_model.base_model.model.get_submodule(name)
+            lora_A, lora_B = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+            with torch.no_grad():
+                lora_A.copy_(module.A.to(lora_A.dtype))
+                lora_B.copy_(module.B.to(lora_B.dtype))
+            lora_A.requires_grad_(trainable)
+            lora_B.requires_grad_(trainable)
+            layer.scaling[ADAPTER_NAME] = module.scale
+        peft_model.eval()
+        yield peft_model
+    finally:
+        peft_model.unload()
+        for name, param in model.named_parameters():
+            param.requires_grad_(flags.get(name, param.requires_grad))

@@ -1,0 +1,112 @@
+"""Compare a fine-tuned adapter with a safety patch, and execute a plan (SPEC steps 3 and 5).
+
+`apply_plan` returns a new adapter: unpatched modules are the fine-tuned adapter's own tensors,
+bit-identical; the inputs are never modified.
+
+- ``neuron`` (the paper's Eq. 11, exact): ``ΔW'' = (M_B⊙B_e)(M_A⊙A_e) + (¬M_B⊙B_t)(¬M_A⊙A_t)`` as a
+  LoRA of rank r_e + r_t: ``B'' = [M_B⊙(s_e/s_t)·B_e | ¬M_B⊙B_t]``, ``A'' = [M_A⊙A_e ; ¬M_A⊙A_t]`` at scale s_t.
+- ``swap`` (the published code): ``A_t ← ¬M_A⊙A_t + M_A⊙A_e``, ``B_t ← ¬M_B⊙B_t + M_B⊙(s_e/s_t)·B_e``.
+- ``module``: the whole module becomes the reference's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .adapters import AdapterError, LoraAdapter, LoraModule
+from .config import NLSRConfig
+from .masks import ModuleMask
+from .plan import RealignmentPlan
+from .safety_patch import SafetyPatch
+from .similarity import module_similarity
+
+
+def check_compatible(patch: SafetyPatch, finetuned: LoraAdapter, *, restoration: str) -> None:
+    """Raise `AdapterError` naming the problem if `finetuned` cannot be compared with or patched by `patch`."""
+    ref_names, ft_names = set(patch.reference.modules), set(finetuned.modules)
+    if ref_names != ft_names:
+        only_ref = sorted(ref_names - ft_names)[:5]
+        only_ft = sorted(ft_names - ref_names)[:5]
+        raise AdapterError(
+            "The fine-tuned adapter and the safety reference target different modules "
+            f"(only in the reference: {only_ref}; only in the fine-tuned adapter: {only_ft}). Train both with the "
+            "same `target_modules`, on the same base model."
+        )
+    for name in sorted(ref_names):
+        ref, ft, mask = patch.reference.modules[name], finetuned.modules[name], patch.masks[name]
+        if ref.shape != ft.shape:
+            raise AdapterError(
+                f"Module {name!r} has shape {ref.shape} (d_out, d_in) in the reference but {ft.shape} in the "
+                "fine-tuned adapter: the adapters were trained on different base models."
+            )
+        needs_basis = mask.A is not None or restoration == "swap"
+        if needs_basis and ref.rank != ft.rank:
+            raise AdapterError(
+                f"Module {name!r} has rank {ref.rank} in the reference but {ft.rank} in the fine-tuned adapter; "
+                "element masks and factor swaps need a shared LoRA basis (the fine-tuned adapter resumed from the "
+                "aligned one). Use `granularity='row'` with `restoration='neuron'` or 'module' instead."
+            )
+
+
+def similarities(patch: SafetyPatch, finetuned: LoraAdapter) -> dict[str, float]:
+    """Per-module masked Frobenius cosine between the reference and the fine-tuned adapter (float32)."""
+    return {
+        name: module_similarity(patch.reference.modules[name], finetuned.modules[name], patch.masks[name])
+        for name in sorted(patch.reference.modules)
+    }
+
+
+def neuron_counts(patch: SafetyPatch) -> dict[str, tuple[int, int]]:
+    """Module name -> (safety-critical neurons, candidate neurons)."""
+    return {name: (mask.count(), mask.total()) for name, mask in patch.masks.items()}
+
+
+def restore_neurons(reference: LoraModule, finetuned: LoraModule, mask: ModuleMask) -> LoraModule:
+    """Eq. 11 as an exact rank-(r_e + r_t) LoRA at the fine-tuned module's scale."""
+    dtype_A, dtype_B = finetuned.A.dtype, finetuned.B.dtype
+    ratio = reference.scale / finetuned.scale
+    A_e, A_t = reference.A.to(torch.float32), finetuned.A.to(torch.float32)
+    if mask.A is not None:
+        A_e, A_t = A_e * mask.A, A_t * ~mask.A
+    B_e = reference.B.to(torch.float32) * ratio * mask.B
+    B_t = finetuned.B.to(torch.float32) * ~mask.B
+    A = torch.cat([A_e, A_t], dim=0).to(dtype_A)
+    B = torch.cat([B_e, B_t], dim=1).to(dtype_B)
+    return LoraModule(A, B, finetuned.scale)
+
+
+def swap_factors(reference: LoraModule, finetuned: LoraModule, mask: ModuleMask) -> LoraModule:
+    """The published code's factor-wise swap (rank r; adds cross terms Eq. 11 does not have)."""
+    ratio = reference.scale / finetuned.scale
+    A = finetuned.A
+    if mask.A is not None:
+        A = torch.where(mask.A, reference.A.to(torch.float32), finetuned.A.to(torch.float32)).to(finetuned.A.dtype)
+    B_ref = reference.B.to(torch.float32) * ratio
+    B = torch.where(mask.B, B_ref, finetuned.B.to(torch.float32)).to(finetuned.B.dtype)
+    return LoraModule(A, B, finetuned.scale)
+
+
+def replace_module(reference: LoraModule, finetuned: LoraModule) -> LoraModule:
+    """Layer-level correction: the reference module, in the fine-tuned adapter's dtype."""
+    return LoraModule(reference.A.to(finetuned.A.dtype), reference.B.to(finetuned.B.dtype), reference.scale)
+
+
+def apply_plan(
+    finetuned: LoraAdapter, patch: SafetyPatch, plan: RealignmentPlan, *, restoration: str | None = None
+) -> LoraAdapter:
+    """The realigned adapter: `plan`'s patched modules restored from `patch`, every other module unchanged."""
+    restoration = restoration or NLSRConfig.from_dict(dict(plan.config)).effective_restoration
+    check_compatible(patch, finetuned, restoration=restoration)
+    modules: dict[str, LoraModule] = dict(finetuned.modules)
+    for name in plan.patched:
+        reference, mask = patch.reference.modules[name], patch.masks[name]
+        if restoration == "neuron":
+            modules[name] = restore_neurons(reference, finetuned.modules[name], mask)
+        elif restoration == "swap":
+            modules[name] = swap_factors(reference, finetuned.modules[name], mask)
+        elif restoration == "module":
+            modules[name] = replace_module(reference, finetuned.modules[name])
+        else:
+            raise ValueError(f"Unknown `restoration` {restoration!r}; valid values: neuron, swap, module.")
+    return LoraAdapter(modules=modules, config=dict(finetuned.config), extra_tensors=dict(finetuned.extra_tensors))
+

@@ -1,0 +1,222 @@
+"""`NLSRPatcher`: orchestration only — resolve inputs, build the reference and safety patch, plan, execute."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .adapters import AdapterError, LoraAdapter, load_adapter
+from .calibration import fingerprint, load_calibration
+from .config import NLSRConfig
+from .hub import MODEL_PATTERNS, PATCH_FILES, ResolvedInput, resolve
+from .modeling import load_base_model
+from .patch import apply_plan, check_compatible, neuron_counts, similarities
+from .plan import RealignmentPlan, plan_realignment
+from .reference import build_reference
+from .result import RealignmentResult
+from .safety_patch import SafetyPatch, build_safety_patch
+from .scoring import get_scorer
+from .statistics import collect_statistics
+
+logger = logging.getLogger(__name__)
+
+
+def _base_name(name: str | None) -> str | None:
+    return name.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1].lower() if name else None
+
+
+def check_same_base(adapters: Mapping[str, LoraAdapter]) -> None:
+    """Raise `AdapterError` if the adapters' recorded base models differ (compared by model name, so a
+    local copy and its Hub id agree)."""
+    named = {role: a.base_model_name_or_path for role, a in adapters.items() if a.base_model_name_or_path}
+    if len({_base_name(n) for n in named.values()}) > 1:
+        listing = ", ".join(f"{role}: {name}" for role, name in sorted(named.items()))
+        raise AdapterError(
+            f"The adapters were trained on different base models ({listing}). NLSR compares adapters of one "
+            "base model; pass adapters of the same base, or `strict_base=False` if these names are the same model."
+        )
+
+
+class NLSRPatcher:
+    """Realign fine-tuned LoRA adapters with a safety reference (see `from_pretrained`)."""
+
+    def __init__(
+        self,
+        *,
+        finetuned: LoraAdapter,
+        base: str | Path | Any | None = None,
+        aligned: LoraAdapter | None = None,
+        reference: LoraAdapter | None = None,
+        weak: LoraAdapter | None = None,
+        safety_patch: SafetyPatch | None = None,
+        config: NLSRConfig | None = None,
+        tokenizer: Any | None = None,
+        inputs: Mapping[str, Any] | None = None,
+        hub_kwargs: Mapping[str, Any] | None = None,
+        dtype: str | None = None,
+        device: str | None = None,
+        strict_base: bool = True,
+    ) -> None:
+        if aligned is None and reference is None and safety_patch is None:
+            raise ValueError("Pass `aligned` (to build the EXPO reference), `reference` or `safety_patch`.")
+        self.config = config or NLSRConfig()
+        self.finetuned = finetuned
+        self.aligned, self.weak, self._reference = aligned, weak, reference
+        self._safety_patch = safety_patch
+        self._base = base
+        self._model: Any | None = None if isinstance(base, (str, Path)) or base is None else base
+        self._tokenizer = tokenizer
+        self.inputs: dict[str, Any] = dict(inputs or {})
+        self._hub_kwargs = dict(hub_kwargs or {})
+        self._dtype, self._device = dtype, device
+        if strict_base:
+            check_same_base({r: a for r, a in (("aligned", aligned), ("weak", weak), ("reference", reference),
+                                               ("finetuned", finetuned)) if a is not None})
+        if self.config.compat and weak is not None:
+            raise ValueError("`compat=True` reproduces the published code, which has no weak adapter; drop `weak`.")
+
+    # ------------------------------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str | Path | None,
+        *,
+        finetuned: str | Path,
+        aligned: str | Path | None = None,
+        reference: str | Path | None = None,
+        weak: str | Path | None = None,
+        safety_patch: str | Path | None = None,
+        config: NLSRConfig | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
+        allow_pickle: bool = False,
+        dtype: str | None = None,
+        device: str | None = None,
+        strict_base: bool = True,
+    ) -> NLSRPatcher:
+        """Resolve every input (local folder, ``org/name``, ``org/name@revision``, ``org/name:subfolder``)
+        and read the adapters. The base model is loaded later, only if a calibration pass is needed.
+
+        Args:
+            base: the base model every adapter sits on (not needed with a `safety_patch`).
+            finetuned: the user's fine-tuned LoRA adapter.
+            aligned: the safety-aligned LoRA adapter (EXPO reference source).
+            reference: a ready safety reference adapter (replaces EXPO).
+            weak: EXPO's weak adapter (default: the base model itself).
+            safety_patch: a saved safety patch; skips the reference and the calibration pass.
+            config: the `NLSRConfig` (defaults follow the paper).
+            revision, token, cache_dir, local_files_only, force_download: Hub options, as in huggingface_hub;
+                ``@revision`` in a reference wins over `revision`.
+            allow_pickle: accept pickled ``adapter_model.bin`` weights (off by default).
+        """
+        hub = {"revision": revision, "token": token, "cache_dir": cache_dir, "local_files_only": local_files_only,
+               "force_download": force_download}
+        inputs: dict[str, Any] = {}
+        adapters: dict[str, LoraAdapter | None] = {}
+        for role, spec in (("finetuned", finetuned), ("aligned", aligned), ("reference", reference),
+                           ("weak", weak)):
+            if spec is None:
+                adapters[role] = None
+                continue
+            resolved = resolve(spec, **hub)
+            inputs[role] = resolved.lineage()
+            adapters[role] = load_adapter(resolved.local_path, allow_pickle=allow_pickle)
+        patch = None
+        if safety_patch is not None:
+            resolved = resolve(safety_patch, files=PATCH_FILES, **hub)
+            inputs["safety_patch"] = resolved.lineage()
+            patch = SafetyPatch.from_pretrained(resolved.local_path)
+        if base is not None:
+            inputs["base"] = {"spec": str(base)}
+        assert adapters["finetuned"] is not None
+        return cls(
+            finetuned=adapters["finetuned"], base=base, aligned=adapters["aligned"], reference=adapters["reference"],
+            weak=adapters["weak"], safety_patch=patch, config=config, inputs=inputs,
+            hub_kwargs={k: v for k, v in hub.items() if k != "force_download"}, dtype=dtype, device=device,
+            strict_base=strict_base,
+        )
+
+    def _load_model(self) -> tuple[Any, Any]:
+        if self._model is not None and self._tokenizer is not None:
+            return self._model, self._tokenizer
+        if self._base is None:
+            raise ValueError("A calibration pass needs the base model: pass `base` (a local folder or Hub id).")
+        if self._model is None:
+            resolved: ResolvedInput = resolve(self._base, files=(), patterns=MODEL_PATTERNS, **self._hub_kwargs)
+            self.inputs["base"] = resolved.lineage()
+            kwargs = {"local_files_only": True} if resolved.repo_id else {}
+            self._model, tokenizer = load_base_model(str(resolved.local_path), dtype=self._dtype,
+                                                     device=self._device, **kwargs)
+            self._tokenizer = self._tokenizer or tokenizer
+        if self._tokenizer is None:
+            raise ValueError("A base model object was passed without its tokenizer: pass `tokenizer` too.")
+        return self._model, self._tokenizer
+
+    # ------------------------------------------------------------------------------------------ steps
+
+    def reference_adapter(self) -> LoraAdapter:
+        """The safety reference: supplied, or EXPO-extrapolated from the aligned adapter."""
+        if self._reference is None:
+            if self.aligned is None:
+                raise ValueError("No reference: pass `aligned` or `reference`.")
+            self._reference = build_reference(self.aligned, self.weak, beta=self.config.beta,
+                                              compat=self.config.compat)
+        return self._reference
+
+    def safety_patch(self, calibration: Any = None, *, progress: bool = True) -> SafetyPatch:
+        """The reference's safety-critical masks: supplied, or computed with one calibration pass (the pass
+        is skipped for scorers that need no statistics)."""
+        if self._safety_patch is not None:
+            return self._safety_patch
+        config = self.config
+        reference = self.reference_adapter()
+        scorer = get_scorer(config.scorer)
+        stats, calibration_meta = None, {}
+        if scorer.needs:
+            pairs = load_calibration(calibration, limit=config.max_calibration_samples)
+            model, tokenizer = self._load_model()
+            stats = collect_statistics(model, tokenizer, reference, pairs, needs=scorer.needs,
+                                       batch_size=config.batch_size, max_length=config.max_length, progress=progress)
+            tokens = max((s.tokens for s in stats.values()), default=0)
+            calibration_meta = {"samples": len(pairs), "response_tokens": tokens, "sha256": fingerprint(pairs),
+                                "source": "built-in" if calibration is None else type(calibration).__name__}
+        metadata = {
+            "scorer": config.scorer, "sparsity_ratio": config.sparsity_ratio, "granularity": config.granularity,
+            "beta": config.beta, "compat": config.compat, "seed": config.seed, "calibration": calibration_meta,
+            "inputs": {k: v for k, v in self.inputs.items() if k in ("base", "aligned", "weak", "reference")},
+        }
+        self._safety_patch = build_safety_patch(
+            reference, stats, scorer=config.scorer, sparsity_ratio=config.sparsity_ratio,
+            granularity=config.granularity, compat=config.compat, seed=config.seed, metadata=metadata,
+        )
+        return self._safety_patch
+
+    def plan(self, calibration: Any = None, *, finetuned: LoraAdapter | None = None,
+             progress: bool = True) -> RealignmentPlan:
+        """Similarity and decision for every module (no weights are built)."""
+        patch = self.safety_patch(calibration, progress=progress)
+        target = finetuned or self.finetuned
+        check_compatible(patch, target, restoration=self.config.effective_restoration)
+        return plan_realignment(
+            similarities(patch, target), neuron_counts(patch), self.config, inputs=self.inputs,
+            calibration=patch.metadata.get("calibration", {}),
+        )
+
+    def realign(self, calibration: Any = None, *, dry_run: bool = False, progress: bool = True) -> RealignmentResult:
+        """Plan and, unless `dry_run`, build the realigned adapter. The inputs are never modified.
+
+        Args:
+            calibration: safe (prompt, response) pairs — a list, a JSON/JSONL path or a `datasets` split;
+                None uses the built-in set. Ignored when a safety patch was supplied.
+            dry_run: return the plan only (``result.adapter is None``).
+        """
+        plan = self.plan(calibration, progress=progress)
+        patch = self.safety_patch()
+        adapter = None if dry_run else apply_plan(self.finetuned, patch, plan)
+        return RealignmentResult(plan=plan, adapter=adapter, config=self.config, safety_patch=patch)

@@ -1,0 +1,181 @@
+"""`RealignmentPlan`: every decision of a realignment as reviewable, serialisable data.
+
+The plan is the unit of truth: the patch is executed from it, and the model card, the CLI and the Space
+render it; none of them recompute it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .adapters import layer_index, module_type
+from .config import NLSRConfig
+from .io import atomic_write_text
+from .selection import select_modules
+
+PLAN_NAME = "nlsr_plan.json"
+PLAN_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ModuleDecision:
+    """What happens to one LoRA module, and why."""
+
+    name: str
+    block: int | None
+    module_type: str
+    similarity: float
+    order: int
+    patched: bool
+    keep_probability: float | None
+    draw: int | None
+    neurons_restored: int
+    neurons_total: int
+
+
+@dataclass(frozen=True)
+class RealignmentPlan:
+    """Per-module similarity and decision, plus the config, scorer and inputs that produced them."""
+
+    modules: tuple[ModuleDecision, ...]
+    config: Mapping[str, Any]
+    inputs: Mapping[str, Any] = field(default_factory=dict)
+    calibration: Mapping[str, Any] = field(default_factory=dict)
+    format: int = PLAN_FORMAT
+
+    @property
+    def scorer(self) -> str:
+        return str(self.config.get("scorer"))
+
+    @property
+    def patched(self) -> list[str]:
+        """Names of the modules to patch."""
+        return [m.name for m in self.modules if m.patched]
+
+    @property
+    def num_patched(self) -> int:
+        return sum(m.patched for m in self.modules)
+
+    @property
+    def neurons_restored(self) -> int:
+        return sum(m.neurons_restored for m in self.modules)
+
+    def decision(self, name: str) -> ModuleDecision:
+        for module in self.modules:
+            if module.name == name:
+                return module
+        raise KeyError(f"Module {name!r} is not in the plan.")
+
+    def summary(self) -> dict[str, Any]:
+        """Counts for reports: modules patched out of all, neurons restored, mean similarity."""
+        n = len(self.modules)
+        return {
+            "modules_total": n,
+            "modules_patched": self.num_patched,
+            "neurons_restored": self.neurons_restored,
+            "mean_similarity": sum(m.similarity for m in self.modules) / n if n else float("nan"),
+        }
+
+    def per_block(self) -> list[dict[str, Any]]:
+        """Mean similarity and patched modules per block (modules outside blocks under ``block=None``)."""
+        groups: dict[int | None, list[ModuleDecision]] = {}
+        for module in self.modules:
+            groups.setdefault(module.block, []).append(module)
+        rows = []
+        for block in sorted(groups, key=lambda b: (b is None, b if b is not None else 0)):
+            members = groups[block]
+            rows.append({
+                "block": block,
+                "modules": len(members),
+                "patched": sum(m.patched for m in members),
+                "mean_similarity": sum(m.similarity for m in members) / len(members),
+                "patched_types": sorted(m.module_type for m in members if m.patched),
+            })
+        return rows
+
+    def table(self) -> str:
+        """A plain-text table, one row per module (what `nlsr plan` prints)."""
+        lines = [f"{'module':<48} {'similarity':>10} {'P(keep)':>8} {'draw':>4}  {'decision':<8} {'restored':>9}"]
+        for m in self.modules:
+            prob = f"{m.keep_probability:.3f}" if m.keep_probability is not None else "-"
+            draw = str(m.draw) if m.draw is not None else "-"
+            lines.append(
+                f"{m.name:<48} {m.similarity:>10.4f} {prob:>8} {draw:>4}  {'PATCH' if m.patched else 'keep':<8} "
+                f"{m.neurons_restored:>9}"
+            )
+        s = self.summary()
+        lines.append(
+            f"patched {s['modules_patched']}/{s['modules_total']} modules, {s['neurons_restored']} neurons restored, "
+            f"scorer={self.scorer}, selection={self.config.get('selection')}"
+        )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "config": dict(self.config),
+            "inputs": dict(self.inputs),
+            "calibration": dict(self.calibration),
+            "summary": self.summary(),
+            "modules": [asdict(m) for m in self.modules],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RealignmentPlan:
+        if data.get("format") != PLAN_FORMAT:
+            raise ValueError(f"Unsupported plan format {data.get('format')!r}; this nlsr-hub reads {PLAN_FORMAT}.")
+        return cls(
+            modules=tuple(ModuleDecision(**m) for m in data["modules"]),
+            config=dict(data["config"]),
+            inputs=dict(data.get("inputs", {})),
+            calibration=dict(data.get("calibration", {})),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> RealignmentPlan:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> RealignmentPlan:
+        return cls.from_json(Path(path).read_text(encoding="utf-8"))
+
+
+def plan_realignment(
+    similarities: Mapping[str, float],
+    neuron_counts: Mapping[str, tuple[int, int]],
+    config: NLSRConfig,
+    *,
+    inputs: Mapping[str, Any] | None = None,
+    calibration: Mapping[str, Any] | None = None,
+) -> RealignmentPlan:
+    """Build the plan from per-module similarities (pure; no weights are touched).
+
+    Args:
+        similarities: module name -> masked Frobenius cosine between reference and fine-tuned.
+        neuron_counts: module name -> (safety-critical neurons, candidate neurons) of its mask.
+        config: the realignment configuration (selection method and its parameters).
+    """
+    selections = select_modules(similarities, config)
+    decisions = []
+    for name in sorted(similarities):
+        sel = selections[name]
+        critical, total = neuron_counts[name]
+        restored = (total if config.effective_restoration == "module" else critical) if sel.patched else 0
+        decisions.append(ModuleDecision(
+            name=name, block=layer_index(name), module_type=module_type(name), similarity=float(similarities[name]),
+            order=sel.order, patched=sel.patched, keep_probability=sel.keep_probability, draw=sel.draw,
+            neurons_restored=restored, neurons_total=total,
+        ))
+    return RealignmentPlan(
+        modules=tuple(decisions), config=config.to_dict(), inputs=dict(inputs or {}), calibration=dict(calibration or {})
+    )

@@ -1,0 +1,48 @@
+"""Per-module similarity of masked LoRA products in float32 via the trace identity (SPEC step 3).
+
+``⟨B1·A1, B2·A2⟩_F = tr((B1ᵀ·B2)·(A2·A1ᵀ))``: only r×r matrices are formed, never the d_out×d_in product,
+so a module costs O(r²·(d_in + d_out)).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .adapters import LoraModule
+from .masks import ModuleMask
+
+
+def lowrank_inner(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> float:
+    """Frobenius inner product of ``B1 @ A1`` and ``B2 @ A2`` without forming either product."""
+    B1, A1, B2, A2 = (t.to(torch.float32) for t in (B1, A1, B2, A2))
+    return float(torch.sum((B1.T @ B2) * (A1 @ A2.T)))
+
+
+def lowrank_cosine(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> float:
+    """Frobenius cosine of ``B1 @ A1`` and ``B2 @ A2`` (1.0 when both are zero, 0.0 when one is)."""
+    inner = lowrank_inner(B1, A1, B2, A2)
+    norm1 = math.sqrt(max(lowrank_inner(B1, A1, B1, A1), 0.0))
+    norm2 = math.sqrt(max(lowrank_inner(B2, A2, B2, A2), 0.0))
+    if norm1 == 0.0 and norm2 == 0.0:
+        return 1.0
+    if norm1 == 0.0 or norm2 == 0.0:
+        return 0.0
+    return max(-1.0, min(1.0, inner / (norm1 * norm2)))
+
+
+def masked_factors(module: LoraModule, mask: ModuleMask) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(M_B ⊙ s·B, M_A ⊙ A)`` in float32, the masked factors of a module with its scale folded in."""
+    A = module.A.to(torch.float32)
+    B = module.B.to(torch.float32) * module.scale
+    if mask.A is not None:
+        A = A * mask.A
+    return B * mask.B, A
+
+
+def module_similarity(reference: LoraModule, finetuned: LoraModule, mask: ModuleMask) -> float:
+    """``S_j = cos_F((M_B⊙B_e)(M_A⊙A_e), (M_B⊙B_t)(M_A⊙A_t))`` for one module."""
+    B_e, A_e = masked_factors(reference, mask)
+    B_t, A_t = masked_factors(finetuned, mask)
+    return lowrank_cosine(B_e, A_e, B_t, A_t)

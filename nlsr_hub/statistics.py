@@ -1,0 +1,93 @@
+"""The calibration pass: run the base model with the reference adapter and stream statistics.
+
+Forward passes cover the activation statistics; the gradient scorers add a backward pass per batch on the
+negative log-likelihood of the responses (``snip``) or on a DPO-style loss over (chosen, rejected) pairs
+(``preference_snip``). Memory does not grow with the number of calibration tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .adapters import LoraAdapter
+from .calibration import CalibrationPair, encode_pairs, iter_batches
+from .hooks import StatsRecorder
+from .modeling import ADAPTER_NAME, attached_adapter
+from .scoring import ModuleStats
+
+logger = logging.getLogger(__name__)
+DPO_BETA = 0.1
+
+
+def response_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-sequence sum of log-probabilities of the response tokens (batch,)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    targets = batch["input_ids"][:, 1:]
+    mask = batch["response_mask"][:, 1:]
+    logp = torch.gather(F.log_softmax(logits.float(), dim=-1), 2, targets.unsqueeze(-1)).squeeze(-1)
+    return (logp * mask).sum(dim=1)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def collect_statistics(
+    model: Any,
+    tokenizer: Any,
+    reference: LoraAdapter,
+    pairs: Sequence[CalibrationPair],
+    *,
+    needs: frozenset[str],
+    batch_size: int = 8,
+    max_length: int = 512,
+    progress: bool = True,
+) -> dict[str, ModuleStats]:
+    """Statistics of every reference module over the calibration responses (see `nlsr_hub.scoring`)."""
+    if not needs:
+        return {}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    chosen = encode_pairs(tokenizer, pairs, max_length)
+    preference = "preference_gradients" in needs
+    gradients = preference or "gradients" in needs
+    rejected = encode_pairs(tokenizer, pairs, max_length, use_rejected=True) if preference else None
+    n_batches = -(-len(chosen) // batch_size)
+    with attached_adapter(model, reference, trainable=gradients) as peft_model, StatsRecorder(
+        peft_model, reference.modules, ADAPTER_NAME, activations="activations" in needs
+    ) as recorder:
+        batches = iter_batches(chosen, batch_size, pad_id)
+        rejected_batches = iter_batches(rejected, batch_size, pad_id) if rejected is not None else None
+        for batch in tqdm(batches, total=n_batches, desc="nlsr: calibration", unit="batch", disable=not progress):
+            batch = _to(batch, device)
+            recorder.set_token_mask(batch["response_mask"])
+            if not gradients:
+                with torch.no_grad():
+                    peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                continue
+            if rejected_batches is None:
+                tokens = batch["response_mask"][:, 1:].sum().clamp_min(1)
+                loss = -response_logprobs(peft_model, batch).sum() / tokens
+            else:
+                other = _to(next(rejected_batches), device)
+                chosen_lp = response_logprobs(peft_model, batch)
+                rejected_lp = response_logprobs(peft_model, other)
+                # DPO at the reference point (policy = reference): the margin's value is 0, its gradient is not.
+                margin = (chosen_lp - chosen_lp.detach()) - (rejected_lp - rejected_lp.detach())
+                loss = -F.logsigmoid(DPO_BETA * margin).mean()
+            loss.backward()
+            recorder.accumulate_gradients()
+        stats = recorder.stats
+    logger.info("calibration: %d samples, %d batches", len(chosen), n_batches)
+    return stats
+
+
+def count_response_tokens(tokenizer: Any, pairs: Sequence[CalibrationPair], max_length: int) -> int:
+    """How many response tokens the calibration pass will see."""
+    return sum(sum(s.response_mask) for s in encode_pairs(tokenizer, pairs, max_length))
