@@ -233,9 +233,8 @@ def adapter_config_for(adapter: LoraAdapter) -> dict[str, Any]:
         configured_rank = int(_pattern_value(config.get("rank_pattern"), name, config.get("r", module.rank)))
         if configured_rank != module.rank:
             new_ranks[name] = module.rank
-        if not math.isclose(module_scale(config, name, module.rank), module.scale, rel_tol=1e-12, abs_tol=0.0):
-            new_alphas[name] = _alpha_for(module.scale, module.rank, rslora)
-        elif name in new_ranks:
+        same_scale = math.isclose(module_scale(config, name, module.rank), module.scale, rel_tol=1e-12, abs_tol=0.0)
+        if not same_scale or name in new_ranks:
             new_alphas[name] = _alpha_for(module.scale, module.rank, rslora)
     if new_ranks:
         config["rank_pattern"] = {**new_ranks, **{k: v for k, v in (config.get("rank_pattern") or {}).items()

@@ -83,8 +83,9 @@ def resolve(
             "Check the repo id."
         ) from None
     except RevisionNotFoundError:
-        raise ValueError(f"Revision {ref.revision!r} does not exist in {ref.repo_id}; check the branch, tag or commit.")\
-            from None
+        raise ValueError(
+            f"Revision {ref.revision!r} does not exist in {ref.repo_id}; check the branch, tag or commit."
+        ) from None
     except EntryNotFoundError:
         raise ValueError(f"{where} lacks the files {list(files)}.") from None
     except LocalEntryNotFoundError:

@@ -40,7 +40,7 @@ def top_fraction_mask(scores: torch.Tensor, keep: float) -> torch.Tensor:
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"`keep` must lie in (0, 1] (got {keep}).")
     flat = scores.reshape(-1).to(torch.float64)
-    k = max(1, int(round(keep * flat.numel())))
+    k = max(1, round(keep * flat.numel()))
     order = torch.sort(flat, descending=True, stable=True).indices[:k]
     mask = torch.zeros(flat.numel(), dtype=torch.bool)
     mask[order] = True

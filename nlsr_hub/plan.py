@@ -177,5 +177,6 @@ def plan_realignment(
             neurons_restored=restored, neurons_total=total,
         ))
     return RealignmentPlan(
-        modules=tuple(decisions), config=config.to_dict(), inputs=dict(inputs or {}), calibration=dict(calibration or {})
+        modules=tuple(decisions), config=config.to_dict(), inputs=dict(inputs or {}),
+        calibration=dict(calibration or {}),
     )

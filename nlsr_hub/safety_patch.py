@@ -94,7 +94,9 @@ class SafetyPatch:
         except (json.JSONDecodeError, SafetensorError, OSError, ValueError) as err:
             raise AdapterError(f"Safety patch {directory} is corrupt ({err}); build or download it again.") from None
         if meta.get("format") != PATCH_FORMAT:
-            raise AdapterError(f"Safety patch format {meta.get('format')!r} is not supported (expected {PATCH_FORMAT}).")
+            raise AdapterError(
+                f"Safety patch format {meta.get('format')!r} is not supported (expected {PATCH_FORMAT})."
+            )
         modules, masks = {}, {}
         try:
             for name, info in meta["modules"].items():

@@ -83,7 +83,7 @@ def _require(stats: ModuleStats | None, *attrs: str) -> ModuleStats:
 def kept_directions(rank: int, sparsity_ratio: float, compat: bool = False) -> int:
     """How many singular directions the low-rank scorer keeps: ``round(r·(1−P_SR))`` (paper) or
     ``int(r·P_SR)`` (published code)."""
-    k = int(rank * sparsity_ratio) if compat else int(round(rank * (1.0 - sparsity_ratio)))
+    k = int(rank * sparsity_ratio) if compat else round(rank * (1.0 - sparsity_ratio))
     return max(1, min(rank, k))
 
 

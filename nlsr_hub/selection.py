@@ -54,7 +54,7 @@ def select_modules(similarities: Mapping[str, float], config: NLSRConfig) -> dic
     if config.selection == "threshold":
         return {name: Selection(similarities[name] < config.threshold, position[name]) for name in order}
     if config.selection == "fraction":
-        k = int(round(config.fraction * n))
+        k = round(config.fraction * n)
         return {name: Selection(position[name] < k, position[name]) for name in order}
     if config.selection == "blocks":
         blocks = set(parse_block_ranges(config.blocks or ""))
