@@ -227,6 +227,9 @@ def adapter_config_for(adapter: LoraAdapter) -> dict[str, Any]:
     PEFT's first-match lookup finds them before any broader pattern of the source config."""
     config = copy.deepcopy(dict(adapter.config))
     rslora = bool(config.get("use_rslora", False))
+    alphas = {_alpha_for(m.scale, m.rank, rslora) for m in adapter.modules.values()}
+    if len(alphas) == 1 and not config.get("alpha_pattern"):
+        config["lora_alpha"] = alphas.pop()  # one alpha for all (e.g. an EXPO reference): no pattern needed
     new_ranks: dict[str, int] = {}
     new_alphas: dict[str, float | int] = {}
     for name, module in adapter.modules.items():

@@ -1,65 +1,144 @@
-"""The model card of a realigned adapter, rendered from the plan (never recomputed)."""
+"""The model card of a realigned adapter, rendered from the plan (never recomputed).
+
+nlsr-hub's section sits between two HTML comments; updating an existing card replaces that section only and
+merges the YAML metadata, so what the user wrote stays.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import yaml
 
 from .plan import RealignmentPlan
+from .plot import layout
 
 TAGS = ["nlsr", "safety-realignment", "lora", "peft"]
+BEGIN = "<!-- nlsr-hub:begin (generated; edits inside are replaced on the next update) -->"
+END = "<!-- nlsr-hub:end -->"
+PLOT_NAME = "nlsr_similarity.png"
 
 
 def _lineage_rows(inputs: dict[str, Any]) -> list[str]:
-    rows = ["| role | source | commit |", "| --- | --- | --- |"]
+    rows = ["| role | source | revision | commit |", "| --- | --- | --- | --- |"]
     for role in sorted(inputs):
         info = inputs[role] or {}
         source = info.get("repo_id") or info.get("spec") or info.get("path", "")
         if info.get("subfolder"):
             source = f"{source}:{info['subfolder']}"
-        rows.append(f"| {role} | `{source}` | {info.get('commit') or '(local)'} |")
+        commit = info.get("commit") or "(local)"
+        rows.append(f"| {role} | `{source}` | {info.get('revision') or '-'} | {commit} |")
     return rows
 
 
-def render_card(plan: RealignmentPlan, *, base_model: str | None = None, repo_id: str | None = None) -> Any:
-    """A huggingface_hub `ModelCard` for the realigned adapter described by `plan`."""
-    from huggingface_hub import ModelCard, ModelCardData
+def _layer_table(plan: RealignmentPlan) -> list[str]:
+    blocks, types = layout(plan)
+    cells = {(m.block, m.module_type): m for m in plan.modules}
+    rows = ["| block | " + " | ".join(types) + " |", "| --- |" + " --- |" * len(types)]
+    for block in blocks:
+        values = []
+        for kind in types:
+            module = cells.get((block, kind))
+            mark = " **patched**" if module is not None and module.patched else ""
+            values.append("" if module is None else f"{module.similarity:.3f}{mark}")
+        rows.append(f"| {'-' if block is None else block} | " + " | ".join(values) + " |")
+    return rows
 
-    data = ModelCardData(library_name="peft", tags=list(TAGS))
-    if base_model:
-        data.base_model = base_model
-        data.base_model_relation = "adapter"
+
+def _section(plan: RealignmentPlan, base_model: str | None, repo_id: str | None, with_plot: bool) -> str:
     summary = plan.summary()
-    load_id = repo_id or "path/to/this/adapter"
+    restoration = "swap" if plan.config.get("compat") else plan.config.get("restoration")
     lines = [
-        "---", data.to_yaml(), "---", "",
-        f"# {repo_id.split('/')[-1] if repo_id else 'NLSR-realigned LoRA adapter'}", "",
+        BEGIN, "",
+        "## NLSR safety realignment", "",
         "This LoRA adapter was realigned with [nlsr-hub](https://github.com/nlsr-hub/nlsr-hub), an implementation "
-        "of NLSR (Neuron-Level Safety Realignment, Yi et al., AAAI 2025): safety-critical neurons of a safety "
-        "reference were transplanted, without training, into the modules whose similarity to the reference dropped "
-        "during fine-tuning.", "",
-        "## Summary", "",
+        "of NLSR (Neuron-Level Safety Realignment, Yi et al., AAAI 2025, arXiv:2412.12497): the safety-critical "
+        "neurons of a safety reference (the aligned adapter, EXPO-extrapolated) were transplanted, without "
+        "training, into the modules whose similarity to the reference dropped during fine-tuning.", "",
+        "### Summary", "",
         f"- modules patched: **{summary['modules_patched']} / {summary['modules_total']}**",
         f"- neurons restored: **{summary['neurons_restored']}**",
         f"- mean masked similarity to the reference: {summary['mean_similarity']:.4f}",
-        f"- scorer: `{plan.scorer}`, selection: `{plan.config.get('selection')}`, "
-        f"restoration: `{'swap' if plan.config.get('compat') else plan.config.get('restoration')}`", "",
-        "## Lineage", "", *_lineage_rows(dict(plan.inputs)), "",
-        "## Configuration", "", "```yaml", yaml.safe_dump(dict(plan.config), sort_keys=True).rstrip(), "```", "",
-        "## Per block", "",
-        "| block | modules | patched | mean similarity | patched modules |", "| --- | --- | --- | --- | --- |",
+        f"- scorer `{plan.scorer}`, selection `{plan.config.get('selection')}`, restoration `{restoration}`", "",
+        "### Lineage", "", *_lineage_rows(dict(plan.inputs)), "",
     ]
-    for row in plan.per_block():
-        block = "-" if row["block"] is None else row["block"]
-        lines.append(f"| {block} | {row['modules']} | {row['patched']} | {row['mean_similarity']:.4f} | "
-                     f"{', '.join(row['patched_types']) or '-'} |")
+    calibration = dict(plan.calibration)
+    if calibration:
+        lines += [f"Calibration: {calibration.get('samples')} pairs, {calibration.get('response_tokens')} response "
+                  f"tokens (sha256 `{calibration.get('sha256')}`).", ""]
     lines += [
-        "", "The full per-module plan (similarity, random draw, decision, neurons restored) is in `nlsr_plan.json`.",
-        "", "## How to load", "", "```python",
+        "### Configuration", "", "Exact configuration of this run (`nlsr_config.json`):", "",
+        "```yaml", yaml.safe_dump(dict(plan.config), sort_keys=True).rstrip(), "```", "",
+        "### Similarity per layer", "",
+        "Masked Frobenius cosine between the reference and the fine-tuned adapter, per block and module type.", "",
+    ]
+    if with_plot:
+        lines += [f"![similarity heat map: red = low, green = high, framed = patched]({PLOT_NAME})", ""]
+    lines += [
+        *_layer_table(plan), "",
+        "The full per-module plan (similarity, random draw, decision, neurons restored) is in `nlsr_plan.json`.", "",
+        "### How to load", "", "```python",
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM", "",
         f"base = AutoModelForCausalLM.from_pretrained({base_model or 'BASE_MODEL'!r})",
-        f"model = PeftModel.from_pretrained(base, {load_id!r})", "```", "",
+        f"model = PeftModel.from_pretrained(base, {repo_id or 'path/to/this/adapter'!r})", "```", "", END,
     ]
-    return ModelCard("\n".join(lines))
+    return "\n".join(lines)
+
+
+def render_card(
+    plan: RealignmentPlan,
+    *,
+    base_model: str | None = None,
+    repo_id: str | None = None,
+    eval_results: Sequence[Any] | None = None,
+    existing: Any | None = None,
+    with_plot: bool = True,
+) -> Any:
+    """A huggingface_hub `ModelCard` for the adapter described by `plan`.
+
+    Args:
+        eval_results: huggingface_hub `EvalResult`s to put in the card's ``model-index``.
+        existing: a `ModelCard` to update (see `merge_cards`).
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData()
+    data.library_name = "peft"
+    data.tags = sorted(set(data.tags or []) | set(TAGS))
+    if base_model:
+        data.base_model = base_model
+        data.base_model_relation = "adapter"
+    if eval_results:
+        data.eval_results = list(eval_results)
+        data.model_name = data.model_name or (repo_id.split("/")[-1] if repo_id else "nlsr-realigned-adapter")
+    title = repo_id.split("/")[-1] if repo_id else "NLSR-realigned LoRA adapter"
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n# {title}\n\n{_section(plan, base_model, repo_id, with_plot)}\n")
+    return card if existing is None else merge_cards(existing, card)
+
+
+def generated_section(text: str) -> str | None:
+    """nlsr-hub's section of a card's text (None if the card has none)."""
+    start, stop = text.find(BEGIN), text.find(END)
+    return text[start : stop + len(END)] if start != -1 and stop > start else None
+
+
+def merge_cards(existing: Any, generated: Any) -> Any:
+    """`existing` with nlsr-hub's section and YAML keys taken from `generated`; the user's text and every other
+    YAML key stay. Tags are united; a card without the section gets it appended."""
+    from huggingface_hub import ModelCard
+
+    data = existing.data
+    for key, value in vars(generated.data).items():
+        if value is None:
+            continue
+        if key == "tags":
+            data.tags = sorted(set(data.tags or []) | set(value))
+        elif key != "model_name" or not getattr(data, "model_name", None):
+            setattr(data, key, value)
+    section = generated_section(generated.text) or ""
+    text = existing.text
+    old = generated_section(text)
+    body = text.replace(old, section) if old else text.rstrip() + "\n\n" + section + "\n"
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")

@@ -20,10 +20,14 @@ from .config import NLSRConfig
 
 EXAMPLES = """examples:
   nlsr realign --base HuggingFaceTB/SmolLM2-135M-Instruct --aligned org/aligned-lora \\
-      --finetuned user/task-lora --output out/
+      --finetuned user/task-lora --output out/ --push-to-hub user/task-lora-nlsr
   nlsr realign --base ./base --aligned ./aligned --finetuned ./task --selection fraction --fraction 0.2 \\
       --calibration safe_pairs.jsonl --output out/
-  nlsr realign --base ./base --aligned ./aligned --finetuned ./task --dry-run
+  nlsr plan --base ./base --aligned ./aligned --finetuned ./task
+  nlsr patch --base ./base --aligned org/aligned-lora@v1 --output patch/ --push-to-hub org/safety-patch
+  nlsr realign --safety-patch org/safety-patch --finetuned user/a user/b ./c --output out/
+  nlsr reference --aligned org/aligned-lora --beta 0.9 --output reference/
+  nlsr push out/ user/task-lora-nlsr --create-pr
   nlsr demo --output demo_out/
 """
 
@@ -77,6 +81,37 @@ def _add_hub_arguments(parser: argparse.ArgumentParser) -> None:
                        help="Accept pickled adapter_model.bin weights (unsafe; off by default).")
 
 
+def _add_input_arguments(parser: argparse.ArgumentParser, *, finetuned: str) -> None:
+    """Input flags shared by realign, plan and patch; `finetuned` is 'many', 'one' or 'none'."""
+    group = parser.add_argument_group("inputs (local folders or Hub ids: org/name[@revision][:subfolder])")
+    group.add_argument("--base", help="Base model (not needed with --safety-patch).")
+    if finetuned == "many":
+        group.add_argument("--finetuned", nargs="+", default=[], help="Fine-tuned LoRA adapter(s) to realign.")
+        group.add_argument("--finetuned-list", type=Path, help="Text file of fine-tuned adapters, one per line.")
+    elif finetuned == "one":
+        group.add_argument("--finetuned", required=True, help="The fine-tuned LoRA adapter.")
+    group.add_argument("--aligned", help="The safety-aligned LoRA adapter (source of the EXPO reference).")
+    group.add_argument("--reference", help="A ready safety reference adapter (instead of EXPO).")
+    group.add_argument("--weak", help="EXPO's weak adapter (default: the base model itself).")
+    if finetuned != "none":
+        group.add_argument("--safety-patch", help="A saved safety patch: skips the calibration pass.")
+    group.add_argument("--calibration", type=Path,
+                       help="JSON/JSONL file of safe {prompt, response} pairs (default: built-in set).")
+    group.add_argument("--dtype", default=None, help="Base model dtype for calibration (default float32).")
+    group.add_argument("--device", default=None, help="Device for calibration, e.g. cuda (default cpu).")
+    group.add_argument("--no-strict-base", dest="strict_base", action="store_false",
+                       help="Do not compare the adapters' recorded base model names.")
+
+
+def _add_push_arguments(parser: argparse.ArgumentParser, *, flag: bool = True) -> None:
+    group = parser.add_argument_group("pushing to the Hub (one commit)")
+    if flag:
+        group.add_argument("--push-to-hub", metavar="REPO_ID", help="Also upload the result to this repo.")
+    group.add_argument("--private", action="store_true", default=None, help="Create the repo as private.")
+    group.add_argument("--create-pr", action="store_true", help="Open a pull request instead of committing to main.")
+    group.add_argument("--commit-message", default=None, help="Commit message.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nlsr", description="Neuron-Level Safety Realignment of fine-tuned LoRA adapters, without training.",
@@ -85,54 +120,158 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="Show tracebacks and debug logs.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    realign = commands.add_parser(
-        "realign", help="Realign a fine-tuned adapter.", epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    realign.add_argument("--base", help="Base model: local folder or Hub id (not needed with --safety-patch).")
-    realign.add_argument("--finetuned", required=True, help="The fine-tuned LoRA adapter to realign.")
-    realign.add_argument("--aligned", help="The safety-aligned LoRA adapter (source of the EXPO reference).")
-    realign.add_argument("--reference", help="A ready safety reference adapter (instead of EXPO).")
-    realign.add_argument("--weak", help="EXPO's weak adapter (default: the base model itself).")
-    realign.add_argument("--safety-patch", help="A saved safety patch: skips the calibration pass.")
-    realign.add_argument("--calibration", type=Path,
-                         help="JSON/JSONL file of safe {prompt, response} pairs (default: built-in set).")
-    realign.add_argument("--output", type=Path, help="Folder for the realigned adapter (required unless --dry-run).")
+    def command(name: str, help_text: str, handler: Any) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="Show tracebacks.")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    realign = command("realign", "Realign one or many fine-tuned adapters.", _cmd_realign)
+    _add_input_arguments(realign, finetuned="many")
+    realign.add_argument("--output", type=Path,
+                         help="Folder for the realigned adapter; with several adapters, one subfolder each.")
     realign.add_argument("--dry-run", action="store_true", help="Print the plan; build no weights.")
-    realign.add_argument("--plan-json", type=Path, help="Also write the plan to this JSON file.")
-    realign.add_argument("--dtype", default=None, help="Base model dtype for calibration (default float32).")
-    realign.add_argument("--device", default=None, help="Device for calibration, e.g. cuda (default cpu).")
-    realign.add_argument("--no-strict-base", dest="strict_base", action="store_false",
-                         help="Do not compare the adapters' recorded base model names.")
+    realign.add_argument("--plan-json", type=Path, help="Also write the plan to this JSON file (one adapter).")
+    realign.add_argument("--continue-on-error", action="store_true", help="Batch mode: go on past a failing adapter.")
     add_config_arguments(realign)
     _add_hub_arguments(realign)
-    realign.set_defaults(handler=_cmd_realign)
+    _add_push_arguments(realign)
 
-    demo = commands.add_parser("demo", help="Build the tiny offline example trio and realign it.")
+    plan = command("plan", "Dry run: print the per-module plan, build no weights.", _cmd_plan)
+    _add_input_arguments(plan, finetuned="one")
+    plan.add_argument("--plan-json", type=Path, help="Also write the plan to this JSON file.")
+    add_config_arguments(plan)
+    _add_hub_arguments(plan)
+
+    reference = command("reference", "Build the EXPO safety reference adapter from an aligned adapter.",
+                        _cmd_reference)
+    reference.add_argument("--aligned", required=True, help="The safety-aligned LoRA adapter.")
+    reference.add_argument("--weak", help="EXPO's weak adapter (default: the base model itself).")
+    reference.add_argument("--beta", type=float, default=0.9, help="EXPO strength (default: 0.9).")
+    reference.add_argument("--compat", action="store_true", help="The published code's EXPO (both factors x 2β).")
+    reference.add_argument("--output", type=Path, required=True, help="Folder for the reference adapter.")
+    _add_hub_arguments(reference)
+
+    patch = command("patch", "Build a reusable safety patch (masks + reference values); optionally push it.",
+                    _cmd_patch)
+    _add_input_arguments(patch, finetuned="none")
+    patch.add_argument("--output", type=Path, help="Folder for the safety patch.")
+    add_config_arguments(patch)
+    _add_hub_arguments(patch)
+    _add_push_arguments(patch)
+
+    push = command("push", "Upload a saved result or safety patch folder to the Hub in one commit.", _cmd_push)
+    push.add_argument("folder", type=Path, help="Folder written by `nlsr realign` or `nlsr patch`.")
+    push.add_argument("repo_id", help="Target repo, e.g. user/task-lora-nlsr.")
+    push.add_argument("--revision", help="Branch to commit to (default: main).")
+    push.add_argument("--token", help="Hub token (never printed or stored).")
+    _add_push_arguments(push, flag=False)
+
+    demo = command("demo", "Build the tiny offline example trio and realign it.", _cmd_demo)
     demo.add_argument("--output", type=Path, default=Path("demo_out"), help="Folder for the example and its result.")
-    demo.set_defaults(handler=_cmd_demo)
     return parser
 
 
-def _cmd_realign(args: argparse.Namespace) -> int:
+def _hub_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"revision": args.revision, "token": args.token, "cache_dir": args.cache_dir,
+            "local_files_only": args.local_files_only}
+
+
+def _patcher(args: argparse.Namespace, finetuned: str | None) -> Any:
     from .patcher import NLSRPatcher
 
-    if args.output is None and not args.dry_run:
-        raise ValueError("`--output` is required (or pass `--dry-run` to print the plan only).")
-    config = config_from_args(args)
-    patcher = NLSRPatcher.from_pretrained(
-        args.base, finetuned=args.finetuned, aligned=args.aligned, reference=args.reference, weak=args.weak,
-        safety_patch=args.safety_patch, config=config, revision=args.revision, token=args.token,
-        cache_dir=args.cache_dir, local_files_only=args.local_files_only, allow_pickle=args.allow_pickle,
-        dtype=args.dtype, device=args.device, strict_base=args.strict_base,
+    return NLSRPatcher.from_pretrained(
+        args.base, finetuned=finetuned, aligned=args.aligned, reference=args.reference, weak=args.weak,
+        safety_patch=getattr(args, "safety_patch", None), config=config_from_args(args),
+        allow_pickle=args.allow_pickle, dtype=args.dtype, device=args.device, strict_base=args.strict_base,
+        **_hub_kwargs(args),
     )
-    result = patcher.realign(calibration=args.calibration, dry_run=args.dry_run)
+
+
+def _push_kwargs(args: argparse.Namespace, default_message: str) -> dict[str, Any]:
+    return {"private": args.private, "token": args.token, "create_pr": args.create_pr,
+            "commit_message": args.commit_message or default_message}
+
+
+def _print_commit(info: Any) -> None:
+    url = getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or info
+    print(f"pushed: {url}")
+
+
+def _cmd_realign(args: argparse.Namespace) -> int:
+    from .batch import read_list_file, realign_batch, summary_table
+
+    specs = list(args.finetuned) + (read_list_file(args.finetuned_list) if args.finetuned_list else [])
+    if not specs:
+        raise ValueError("Pass `--finetuned` (one or more adapters) or `--finetuned-list FILE`.")
+    if args.output is None and not args.dry_run and not args.push_to_hub:
+        raise ValueError("`--output` is required (or pass `--dry-run` to print the plan only).")
+    if len(specs) > 1:
+        if args.push_to_hub or args.plan_json:
+            raise ValueError("`--push-to-hub` and `--plan-json` take one adapter; push batch results with `nlsr push`.")
+        patcher = _patcher(args, None)
+        items = realign_batch(patcher, specs, output_dir=args.output, calibration=args.calibration,
+                              dry_run=args.dry_run, hub_kwargs=_hub_kwargs(args), allow_pickle=args.allow_pickle,
+                              continue_on_error=args.continue_on_error)
+        print(summary_table(items))
+        return 1 if any(item.error for item in items) else 0
+    result = _patcher(args, specs[0]).realign(calibration=args.calibration, dry_run=args.dry_run)
     print(result.plan.table())
     if args.plan_json:
         result.plan.save(args.plan_json)
-    if not args.dry_run:
+    if args.dry_run:
+        return 0
+    if args.output is not None:
         result.save_pretrained(args.output)
         print(f"realigned adapter written to {args.output}")
+    if args.push_to_hub:
+        _print_commit(result.push_to_hub(args.push_to_hub, revision=None,
+                                         **_push_kwargs(args, "Upload NLSR-realigned adapter")))
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    result = _patcher(args, args.finetuned).realign(calibration=args.calibration, dry_run=True)
+    print(result.plan.table())
+    if args.plan_json:
+        result.plan.save(args.plan_json)
+    return 0
+
+
+def _cmd_reference(args: argparse.Namespace) -> int:
+    from .adapters import load_adapter, save_adapter
+    from .hub import resolve
+    from .reference import build_reference
+
+    def read(spec: str | None) -> Any:
+        if spec is None:
+            return None
+        return load_adapter(resolve(spec, **_hub_kwargs(args)).local_path, allow_pickle=args.allow_pickle)
+
+    reference = build_reference(read(args.aligned), read(args.weak), beta=args.beta, compat=args.compat)
+    save_adapter(reference, args.output)
+    print(f"EXPO reference (beta={args.beta}) written to {args.output}")
+    return 0
+
+
+def _cmd_patch(args: argparse.Namespace) -> int:
+    if args.output is None and not args.push_to_hub:
+        raise ValueError("Pass `--output` and/or `--push-to-hub`.")
+    patch = _patcher(args, None).safety_patch(args.calibration)
+    if args.output is not None:
+        patch.save_pretrained(args.output)
+        print(f"safety patch ({len(patch.masks)} modules) written to {args.output}")
+    if args.push_to_hub:
+        _print_commit(patch.push_to_hub(args.push_to_hub, **_push_kwargs(args, "Upload NLSR safety patch")))
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_saved_folder
+
+    _print_commit(push_saved_folder(args.folder, args.repo_id, revision=args.revision,
+                                    **_push_kwargs(args, "Upload with nlsr-hub")))
     return 0
 
 

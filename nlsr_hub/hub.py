@@ -109,6 +109,17 @@ def resolve(
                          commit=snapshot.name, subfolder=ref.subfolder)
 
 
+def existing_card(repo_id: str, *, token: str | bool | None = None, revision: str | None = None) -> Any | None:
+    """The `ModelCard` already in `repo_id` (None if the repo or its README does not exist yet)."""
+    from huggingface_hub import ModelCard
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return ModelCard.load(repo_id, token=token, revision=revision)
+    except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
+        return None
+
+
 def push_folder_with(
     write: Callable[[Path], Any],
     repo_id: str,
@@ -134,3 +145,38 @@ def push_folder_with(
             repo_id=repo_id, folder_path=tmp, revision=revision, create_pr=create_pr,
             commit_message=commit_message, commit_description=commit_description, repo_type="model",
         )
+
+
+def push_saved_folder(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str = "Upload with nlsr-hub",
+) -> Any:
+    """Upload a folder written by nlsr-hub in one commit. Its model card is merged into the repo's existing
+    one (the user's text stays); nothing in `folder` is modified."""
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    from .card import merge_cards
+
+    source = Path(folder)
+    if not source.is_dir() or not any(source.iterdir()):
+        raise ValueError(f"Nothing to push: {source} is not a folder with files; write it with `nlsr realign`.")
+
+    def write(target: Path) -> None:
+        shutil.copytree(source, target, dirs_exist_ok=True)
+        card_path = target / "README.md"
+        existing = existing_card(repo_id, token=token, revision=revision)
+        if card_path.is_file() and existing is not None:
+            merged = merge_cards(existing, ModelCard(card_path.read_text(encoding="utf-8")))
+            card_path.write_text(str(merged), encoding="utf-8")
+
+    return push_folder_with(write, repo_id, private=private, token=token, revision=revision, create_pr=create_pr,
+                            commit_message=commit_message)
+

@@ -45,7 +45,7 @@ class NLSRPatcher:
     def __init__(
         self,
         *,
-        finetuned: LoraAdapter,
+        finetuned: LoraAdapter | None = None,
         base: str | Path | Any | None = None,
         aligned: LoraAdapter | None = None,
         reference: LoraAdapter | None = None,
@@ -84,7 +84,7 @@ class NLSRPatcher:
         cls,
         base: str | Path | None,
         *,
-        finetuned: str | Path,
+        finetuned: str | Path | None = None,
         aligned: str | Path | None = None,
         reference: str | Path | None = None,
         weak: str | Path | None = None,
@@ -105,7 +105,8 @@ class NLSRPatcher:
 
         Args:
             base: the base model every adapter sits on (not needed with a `safety_patch`).
-            finetuned: the user's fine-tuned LoRA adapter.
+            finetuned: the user's fine-tuned LoRA adapter (optional when only a safety patch is built, or when
+                adapters are passed to `realign(finetuned=...)` one by one).
             aligned: the safety-aligned LoRA adapter (EXPO reference source).
             reference: a ready safety reference adapter (replaces EXPO).
             weak: EXPO's weak adapter (default: the base model itself).
@@ -134,7 +135,6 @@ class NLSRPatcher:
             patch = SafetyPatch.from_pretrained(resolved.local_path)
         if base is not None:
             inputs["base"] = {"spec": str(base)}
-        assert adapters["finetuned"] is not None
         return cls(
             finetuned=adapters["finetuned"], base=base, aligned=adapters["aligned"], reference=adapters["reference"],
             weak=adapters["weak"], safety_patch=patch, config=config, inputs=inputs,
@@ -197,26 +197,54 @@ class NLSRPatcher:
         )
         return self._safety_patch
 
-    def plan(self, calibration: Any = None, *, finetuned: LoraAdapter | None = None,
-             progress: bool = True) -> RealignmentPlan:
-        """Similarity and decision for every module (no weights are built)."""
+    def _target(self, finetuned: LoraAdapter | None) -> LoraAdapter:
+        target = self.finetuned if finetuned is None else finetuned
+        if target is None:
+            raise ValueError("No fine-tuned adapter to realign: pass `finetuned` to `from_pretrained` or `realign`.")
+        return target
+
+    def plan(
+        self,
+        calibration: Any = None,
+        *,
+        finetuned: LoraAdapter | None = None,
+        finetuned_lineage: Mapping[str, Any] | None = None,
+        progress: bool = True,
+    ) -> RealignmentPlan:
+        """Similarity and decision for every module (no weights are built). `finetuned` replaces the
+        patcher's own fine-tuned adapter (batch mode: one safety patch, many adapters)."""
         patch = self.safety_patch(calibration, progress=progress)
-        target = finetuned or self.finetuned
+        target = self._target(finetuned)
+        if finetuned is not None:
+            check_same_base({"reference": patch.reference, "finetuned": target})
         check_compatible(patch, target, restoration=self.config.effective_restoration)
+        inputs = dict(self.inputs)
+        if finetuned_lineage is not None:
+            inputs["finetuned"] = dict(finetuned_lineage)
         return plan_realignment(
-            similarities(patch, target), neuron_counts(patch), self.config, inputs=self.inputs,
+            similarities(patch, target), neuron_counts(patch), self.config, inputs=inputs,
             calibration=patch.metadata.get("calibration", {}),
         )
 
-    def realign(self, calibration: Any = None, *, dry_run: bool = False, progress: bool = True) -> RealignmentResult:
+    def realign(
+        self,
+        calibration: Any = None,
+        *,
+        dry_run: bool = False,
+        finetuned: LoraAdapter | None = None,
+        finetuned_lineage: Mapping[str, Any] | None = None,
+        progress: bool = True,
+    ) -> RealignmentResult:
         """Plan and, unless `dry_run`, build the realigned adapter. The inputs are never modified.
 
         Args:
             calibration: safe (prompt, response) pairs — a list, a JSON/JSONL path or a `datasets` split;
                 None uses the built-in set. Ignored when a safety patch was supplied.
             dry_run: return the plan only (``result.adapter is None``).
+            finetuned: realign this adapter instead of the patcher's own, reusing the safety patch.
         """
-        plan = self.plan(calibration, progress=progress)
+        plan = self.plan(calibration, finetuned=finetuned, finetuned_lineage=finetuned_lineage, progress=progress)
         patch = self.safety_patch()
-        adapter = None if dry_run else apply_plan(self.finetuned, patch, plan)
+        target = self._target(finetuned)
+        adapter = None if dry_run else apply_plan(target, patch, plan)
         return RealignmentResult(plan=plan, adapter=adapter, config=self.config, safety_patch=patch)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .adapters import LoraAdapter, save_adapter
-from .card import render_card
+from .card import PLOT_NAME, render_card
 from .config import NLSRConfig
-from .io import atomic_write_text
+from .io import atomic_write_bytes, atomic_write_text
 from .plan import PLAN_NAME, RealignmentPlan
+from .plot import similarity_heatmap_png
 from .safety_patch import SafetyPatch
 
 CONFIG_FILE_NAME = "nlsr_config.json"
@@ -24,22 +27,39 @@ class RealignmentResult:
     adapter: LoraAdapter | None
     config: NLSRConfig
     safety_patch: SafetyPatch | None = None
+    eval_results: Sequence[Any] = field(default_factory=tuple)
 
     @property
     def base_model(self) -> str | None:
+        """The base model's Hub id for the card's ``base_model`` (None when only a local path is known)."""
+        from .refs import InputRef
+
         base = dict(self.plan.inputs).get("base") or {}
-        if base.get("repo_id"):
-            return base["repo_id"]
-        return self.adapter.base_model_name_or_path if self.adapter is not None else None
+        candidates = [base.get("repo_id"), base.get("spec"),
+                      self.adapter.base_model_name_or_path if self.adapter is not None else None]
+        for candidate in candidates:
+            try:
+                if candidate and not InputRef.parse(candidate).is_local:
+                    return InputRef.parse(candidate).repo_id
+            except ValueError:
+                continue
+        return None
 
-    def model_card(self, repo_id: str | None = None) -> Any:
-        """The huggingface_hub `ModelCard` rendered from the plan."""
-        return render_card(self.plan, base_model=self.base_model, repo_id=repo_id)
+    def model_card(self, repo_id: str | None = None, *, existing: Any | None = None) -> Any:
+        """The huggingface_hub `ModelCard` rendered from the plan (updating `existing` if given)."""
+        return render_card(self.plan, base_model=self.base_model, repo_id=repo_id,
+                           eval_results=self.eval_results, existing=existing)
 
-    def save_pretrained(self, save_directory: str | Path, *, repo_id: str | None = None) -> Path:
+    def with_eval_results(self, eval_results: Sequence[Any]) -> RealignmentResult:
+        """A copy whose model card reports `eval_results` (huggingface_hub `EvalResult`s)."""
+        return dataclasses.replace(self, eval_results=tuple(eval_results))
+
+    def save_pretrained(
+        self, save_directory: str | Path, *, repo_id: str | None = None, existing_card: Any | None = None
+    ) -> Path:
         """Write the adapter (``adapter_config.json``, ``adapter_model.safetensors``), ``nlsr_plan.json``,
-        ``nlsr_config.json`` and a ``README.md`` model card. Every file is written atomically, and the same
-        inputs give the same bytes."""
+        ``nlsr_config.json``, the similarity plot and a ``README.md`` model card. Every file is written
+        atomically, and the same inputs give the same bytes."""
         if self.adapter is None:
             raise ValueError("This result comes from a dry run and has no adapter; call `realign()` without "
                              "`dry_run=True` to build one.")
@@ -47,7 +67,8 @@ class RealignmentResult:
         save_adapter(self.adapter, directory)
         self.plan.save(directory / PLAN_NAME)
         atomic_write_text(directory / CONFIG_FILE_NAME, self.config.to_json())
-        atomic_write_text(directory / "README.md", str(self.model_card(repo_id)))
+        atomic_write_bytes(directory / PLOT_NAME, similarity_heatmap_png(self.plan))
+        atomic_write_text(directory / "README.md", str(self.model_card(repo_id, existing=existing_card)))
         return directory
 
     def push_to_hub(
@@ -60,10 +81,14 @@ class RealignmentResult:
         create_pr: bool = False,
         commit_message: str = "Upload NLSR-realigned adapter",
     ) -> Any:
-        """Upload the saved folder to `repo_id` in one commit; returns huggingface_hub's `CommitInfo`."""
-        from .hub import push_folder_with
+        """Upload the saved folder to `repo_id` in one commit; returns huggingface_hub's `CommitInfo`.
 
+        An existing model card in the repo is updated, not replaced: the user's text and YAML stay.
+        """
+        from .hub import existing_card, push_folder_with
+
+        card = existing_card(repo_id, token=token, revision=revision)
         return push_folder_with(
-            lambda folder: self.save_pretrained(folder, repo_id=repo_id), repo_id, private=private, token=token,
-            revision=revision, create_pr=create_pr, commit_message=commit_message,
+            lambda folder: self.save_pretrained(folder, repo_id=repo_id, existing_card=card), repo_id,
+            private=private, token=token, revision=revision, create_pr=create_pr, commit_message=commit_message,
         )

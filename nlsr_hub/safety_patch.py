@@ -73,7 +73,45 @@ class SafetyPatch:
             "modules": modules_meta,
         }
         atomic_write_text(directory / PATCH_META_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(directory / "README.md", self._card_text())
         return directory
+
+    def _card_text(self) -> str:
+        calibration = dict(self.metadata.get("calibration") or {})
+        inputs = dict(self.metadata.get("inputs") or {})
+        lines = [
+            "---", "library_name: nlsr-hub", "tags:", "- nlsr", "- safety-patch", "- safety-realignment", "---",
+            "# NLSR safety patch", "",
+            "Safety-critical neuron masks of a safety reference adapter, with the reference's values, made by "
+            "[nlsr-hub](https://github.com/nlsr-hub/nlsr-hub). Realign any fine-tuned LoRA adapter of the same base "
+            "model without another calibration pass:", "",
+            "```bash", "nlsr realign --safety-patch THIS_REPO --finetuned YOUR_ADAPTER --output out/", "```", "",
+            f"- modules: {len(self.masks)}, granularity: {self.granularity}",
+            f"- scorer: {self.metadata.get('scorer')}, sparsity ratio: {self.metadata.get('sparsity_ratio')}, "
+            f"beta: {self.metadata.get('beta')}",
+            f"- calibration: {calibration.get('samples', '-')} pairs, {calibration.get('response_tokens', '-')} "
+            f"response tokens, sha256 {calibration.get('sha256', '-')}",
+        ]
+        for role in sorted(inputs):
+            info = inputs[role] or {}
+            lines.append(f"- {role}: `{info.get('repo_id') or info.get('spec')}` {info.get('commit') or ''}".rstrip())
+        return "\n".join(lines) + "\n"
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        commit_message: str = "Upload NLSR safety patch",
+    ) -> Any:
+        """Upload the patch to `repo_id` in one commit; returns huggingface_hub's `CommitInfo`."""
+        from .hub import push_folder_with
+
+        return push_folder_with(self.save_pretrained, repo_id, private=private, token=token, revision=revision,
+                                create_pr=create_pr, commit_message=commit_message)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> SafetyPatch:
