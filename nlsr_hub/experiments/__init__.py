@@ -1,0 +1,1 @@
+"""The paper's experiment on a real chat model: alignment, poisoned fine-tuning, realignment, evaluation."""

@@ -1,0 +1,56 @@
+"""The training-free peer: Safe LoRA (Hsu et al., NeurIPS 2024), in the same adapter framework.
+
+Per module, the alignment direction is the aligned adapter's product ``V = ΔW_a`` (the NLSR paper's
+baseline) and the projector ``C = V·Vᵀ / ‖V‖_F``. If ``cos_F(C·ΔW_t, ΔW_t) < τ`` the module's B becomes
+``C·B_t``. ``C`` (d_out × d_out) is never formed: ``C·B = s_a²·B_a·(A_a·A_aᵀ)·(B_aᵀ·B)/‖V‖_F`` stays low-rank.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .adapters import LoraAdapter, LoraModule
+from .similarity import lowrank_cosine, lowrank_inner
+
+
+def project_B(aligned: LoraModule, B: torch.Tensor) -> torch.Tensor:
+    """``C·B`` for the projector ``C = V·Vᵀ/‖V‖_F`` of ``V = s_a·B_a·A_a`` (float32)."""
+    A_a, B_a = aligned.A.to(torch.float32), aligned.B.to(torch.float32)
+    norm = abs(aligned.scale) * math.sqrt(max(lowrank_inner(B_a, A_a, B_a, A_a), 0.0))
+    if norm == 0.0:
+        return torch.zeros_like(B, dtype=torch.float32)
+    return (aligned.scale**2 / norm) * (B_a @ ((A_a @ A_a.T) @ (B_a.T @ B.to(torch.float32))))
+
+
+@dataclass(frozen=True)
+class SafeLoraDecision:
+    name: str
+    similarity: float
+    projected: bool
+
+
+def safelora(aligned: LoraAdapter, finetuned: LoraAdapter, *, threshold: float = 0.6
+             ) -> tuple[LoraAdapter, list[SafeLoraDecision]]:
+    """Project the modules of `finetuned` whose ``cos_F(C·ΔW_t, ΔW_t)`` is below `threshold`.
+
+    Returns the new adapter (other modules unchanged, bit-identical) and the per-module decisions.
+    """
+    missing = sorted(set(finetuned.modules) - set(aligned.modules))
+    if missing:
+        raise ValueError(f"Safe LoRA needs the aligned adapter's update for every module; missing: {missing[:5]}.")
+    modules = dict(finetuned.modules)
+    decisions = []
+    for name in sorted(finetuned.modules):
+        ft = finetuned.modules[name]
+        projected_B = project_B(aligned.modules[name], ft.B)
+        A_t, B_t = ft.A.to(torch.float32), ft.B.to(torch.float32)
+        similarity = lowrank_cosine(projected_B, A_t, B_t, A_t)
+        project = similarity < threshold
+        if project:
+            modules[name] = LoraModule(ft.A, projected_B.to(ft.B.dtype), ft.scale)
+        decisions.append(SafeLoraDecision(name, similarity, project))
+    return LoraAdapter(modules=modules, config=dict(finetuned.config),
+                       extra_tensors=dict(finetuned.extra_tensors)), decisions
