@@ -168,6 +168,25 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--token", help="Hub token (never printed or stored).")
     _add_push_arguments(push, flag=False)
 
+    evaluate = command("evaluate", "Harmful score and/or task accuracy of a base model with an adapter.",
+                       _cmd_evaluate)
+    evaluate.add_argument("--base", required=True, help="Base model: local folder or Hub id.")
+    evaluate.add_argument("--adapter", help="LoRA adapter to evaluate (default: the base model alone).")
+    evaluate.add_argument("--harmful-prompts", type=Path,
+                          help="CSV (goal/prompt column) or JSON/JSONL of harmful prompts: reports the harmful score.")
+    evaluate.add_argument("--judge", default="refusal",
+                          help="Judge: refusal (offline default), beaver_dam, or classifier:<model id or path>.")
+    evaluate.add_argument("--task", choices=("sst2", "ag_news", "gsm8k"), help="Task for fine-tune accuracy.")
+    evaluate.add_argument("--task-data", type=Path, help="JSON/JSONL task rows (instruction, input, output).")
+    evaluate.add_argument("--limit", type=int, default=None, help="Evaluate the first N prompts/examples only.")
+    evaluate.add_argument("--max-new-tokens", type=int, default=None,
+                          help="New tokens per answer (default: 64 for harmful prompts, the task's own otherwise).")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="Generation batch size.")
+    evaluate.add_argument("--output", type=Path, help="Write per-prompt verdicts and aggregates to this JSON file.")
+    evaluate.add_argument("--dtype", default=None, help="Model dtype (default float32).")
+    evaluate.add_argument("--device", default=None, help="Device, e.g. cuda (default cpu).")
+    _add_hub_arguments(evaluate)
+
     demo = command("demo", "Build the tiny offline example trio and realign it.", _cmd_demo)
     demo.add_argument("--output", type=Path, default=Path("demo_out"), help="Folder for the example and its result.")
     return parser
@@ -272,6 +291,39 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
     _print_commit(push_saved_folder(args.folder, args.repo_id, revision=args.revision,
                                     **_push_kwargs(args, "Upload with nlsr-hub")))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from .evaluation import harmful_score, load_prompts, load_task_examples, task_accuracy
+    from .evaluation.loading import load_for_evaluation
+    from .io import atomic_write_text
+
+    if args.harmful_prompts is None and args.task is None:
+        raise ValueError("Nothing to evaluate: pass `--harmful-prompts FILE` and/or `--task NAME --task-data FILE`.")
+    if args.task is not None and args.task_data is None:
+        raise ValueError("`--task` needs `--task-data FILE` (rows with instruction, input, output).")
+    model, tokenizer = load_for_evaluation(args.base, args.adapter, dtype=args.dtype, device=args.device,
+                                           **_hub_kwargs(args))
+    report: dict[str, Any] = {"base": args.base, "adapter": args.adapter}
+    if args.harmful_prompts is not None:
+        prompts = load_prompts(args.harmful_prompts, limit=args.limit)
+        result = harmful_score(model, tokenizer, prompts, judge=args.judge, max_new_tokens=args.max_new_tokens or 64,
+                               batch_size=args.batch_size)
+        report["harmful"] = result.to_dict()
+        print(f"harmful score: {result.score:.1f}% of {len(prompts)} prompts (judge: {args.judge}); "
+              f"refusal rate {result.refusal_rate:.1f}%")
+    if args.task is not None:
+        examples = load_task_examples(args.task, args.task_data, limit=args.limit)
+        accuracy = task_accuracy(model, tokenizer, args.task, examples, max_new_tokens=args.max_new_tokens,
+                                 batch_size=args.batch_size)
+        report["task"] = accuracy.to_dict()
+        print(f"{args.task} accuracy: {accuracy.accuracy:.1f}% of {len(examples)} examples")
+    if args.output is not None:
+        atomic_write_text(args.output, json.dumps(report, indent=2) + "\n")
+        print(f"per-prompt results written to {args.output}")
     return 0
 
 
