@@ -179,6 +179,9 @@ def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter
             safetensors file exists. Off by default: pickle files can execute code.
     """
     directory = Path(path)
+    if directory.is_file():
+        raise AdapterError(f"{directory} is a file, not an adapter folder; pass the folder that holds it "
+                           f"({directory.parent}).")
     if not directory.is_dir():
         raise AdapterError(f"Adapter folder {directory} does not exist; pass a local folder or a Hub repo id.")
     config = _read_config(directory)

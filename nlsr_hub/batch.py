@@ -74,8 +74,8 @@ def realign_batch(
         try:
             resolved = resolve(spec, **dict(hub_kwargs or {}))
             adapter = load_adapter(resolved.local_path, allow_pickle=allow_pickle)
-            result = patcher.realign(finetuned=adapter, finetuned_lineage=resolved.lineage(), dry_run=dry_run,
-                                     progress=False)
+            result = patcher.realign(calibration, finetuned=adapter, finetuned_lineage=resolved.lineage(),
+                                     dry_run=dry_run, progress=False)
             output = None
             if output_dir is not None and not dry_run:
                 output = result.save_pretrained(Path(output_dir) / name)

@@ -81,6 +81,19 @@ def _lora_model(base: Path, rank: int):
     return get_peft_model(model, config)
 
 
+def _save_sorted(peft_model, path: Path) -> None:
+    """`save_pretrained`, then `target_modules` written sorted (PEFT keeps a set: its order depends on the
+    process's hash seed), so the folder is byte-identical across processes."""
+    import json
+
+    peft_model.save_pretrained(path)
+    config_path = path / "adapter_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def build_trio(
     root: str | Path, *, seed: int = 0, rank: int = 8, damaged: tuple[str, ...] = DEFAULT_DAMAGED,
     drift: float = 0.05,
@@ -100,7 +113,7 @@ def build_trio(
     unknown = set(damaged) - set(names)
     if unknown:
         raise ValueError(f"`damaged` names modules the model does not have: {sorted(unknown)}.")
-    peft_model.save_pretrained(root / "aligned")
+    _save_sorted(peft_model, root / "aligned")
     for name, module in peft_model.base_model.model.named_modules():
         if name not in names:
             continue
@@ -110,5 +123,5 @@ def build_trio(
                     factor.copy_(torch.randn(factor.shape, generator=generator) * 0.2)
                 else:
                     factor.add_(torch.randn(factor.shape, generator=generator) * drift * 0.2)
-    peft_model.save_pretrained(root / "finetuned")
+    _save_sorted(peft_model, root / "finetuned")
     return Trio(base=base, aligned=root / "aligned", finetuned=root / "finetuned", damaged=tuple(damaged))

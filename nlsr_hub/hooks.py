@@ -33,12 +33,14 @@ class StatsRecorder:
         self.activations = activations
         self.stats: dict[str, ModuleStats] = {name: ModuleStats() for name in self.names}
         self._mask: torch.Tensor | None = None
+        self.tokens_seen = 0  # response tokens of every batch, whatever statistics are recorded
         self._handles: list[Any] = []
         self._last_input: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, its Σ x²)
 
     def set_token_mask(self, mask: torch.Tensor) -> None:
         self._mask = mask.reshape(-1)
         self._last_input = None
+        self.tokens_seen += int(self._mask.sum())
 
     def _hook(self, name: str):
         stats = self.stats[name]
@@ -58,7 +60,6 @@ class StatsRecorder:
                 self._last_input = (x, input_sq)
             stats.gram = gram if stats.gram is None else stats.gram.add_(gram)
             stats.input_sq = input_sq.clone() if stats.input_sq is None else stats.input_sq.add_(input_sq)
-            stats.tokens += int(x_sel.shape[0])
 
         return hook
 

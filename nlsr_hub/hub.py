@@ -86,13 +86,13 @@ def resolve(
         raise ValueError(
             f"Revision {ref.revision!r} does not exist in {ref.repo_id}; check the branch, tag or commit."
         ) from None
+    except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: must come first
+        raise ValueError(
+            f"{where} is not in the local Hub cache and could not be downloaded (offline mode, "
+            "`local_files_only=True`, or the Hub cannot be reached); download it once while online."
+        ) from None
     except EntryNotFoundError:
         raise ValueError(f"{where} lacks the files {list(files)}.") from None
-    except LocalEntryNotFoundError:
-        raise ValueError(
-            f"{where} is not in the local Hub cache and downloads are off (offline mode or "
-            "`local_files_only=True`); download it once while online."
-        ) from None
     except HfHubHTTPError as err:
         status = getattr(getattr(err, "response", None), "status_code", None)
         if status in (401, 403):

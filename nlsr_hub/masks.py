@@ -7,6 +7,7 @@ scores; A is then left unmasked on both sides, so no shared basis between adapte
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,13 +35,18 @@ class ModuleMask:
         return int(self.B.numel()) if self.A is None else int(self.A.numel() + self.B.numel())
 
 
+def round_half_up(value: float) -> int:
+    """Round to the nearest integer, halves up, tolerant of binary noise (``0.2 * 10`` is 2, ``2.5`` is 3)."""
+    return math.floor(value + 0.5 + 1e-9)
+
+
 def top_fraction_mask(scores: torch.Tensor, keep: float) -> torch.Tensor:
     """Boolean mask of the ``round(keep · numel)`` largest scores (at least one); ties broken by position,
     so the mask is deterministic."""
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"`keep` must lie in (0, 1] (got {keep}).")
     flat = scores.reshape(-1).to(torch.float64)
-    k = max(1, round(keep * flat.numel()))
+    k = max(1, round_half_up(keep * flat.numel()))
     order = torch.sort(flat, descending=True, stable=True).indices[:k]
     mask = torch.zeros(flat.numel(), dtype=torch.bool)
     mask[order] = True

@@ -21,9 +21,12 @@ from .safety_patch import SafetyPatch
 from .similarity import module_similarity
 
 
-def check_compatible(patch: SafetyPatch, finetuned: LoraAdapter, *, restoration: str) -> None:
-    """Raise `AdapterError` naming the problem if `finetuned` cannot be compared with or patched by `patch`."""
-    ref_names, ft_names = set(patch.reference.modules), set(finetuned.modules)
+def check_compatible_modules(
+    reference: LoraAdapter, finetuned: LoraAdapter, *, granularity: str, restoration: str
+) -> None:
+    """Raise `AdapterError` naming the problem if `finetuned` cannot be compared with or patched from
+    `reference` (target modules, shapes, and a shared basis where element masks or swaps need one)."""
+    ref_names, ft_names = set(reference.modules), set(finetuned.modules)
     if ref_names != ft_names:
         only_ref = sorted(ref_names - ft_names)[:5]
         only_ft = sorted(ft_names - ref_names)[:5]
@@ -33,19 +36,24 @@ def check_compatible(patch: SafetyPatch, finetuned: LoraAdapter, *, restoration:
             "same `target_modules`, on the same base model."
         )
     for name in sorted(ref_names):
-        ref, ft, mask = patch.reference.modules[name], finetuned.modules[name], patch.masks[name]
+        ref, ft = reference.modules[name], finetuned.modules[name]
         if ref.shape != ft.shape:
             raise AdapterError(
                 f"Module {name!r} has shape {ref.shape} (d_out, d_in) in the reference but {ft.shape} in the "
                 "fine-tuned adapter: the adapters were trained on different base models."
             )
-        needs_basis = mask.A is not None or restoration == "swap"
+        needs_basis = granularity == "element" or restoration == "swap"
         if needs_basis and ref.rank != ft.rank:
             raise AdapterError(
                 f"Module {name!r} has rank {ref.rank} in the reference but {ft.rank} in the fine-tuned adapter; "
                 "element masks and factor swaps need a shared LoRA basis (the fine-tuned adapter resumed from the "
                 "aligned one). Use `granularity='row'` with `restoration='neuron'` or 'module' instead."
             )
+
+
+def check_compatible(patch: SafetyPatch, finetuned: LoraAdapter, *, restoration: str) -> None:
+    """`check_compatible_modules` for a safety patch (its granularity decides whether ranks must match)."""
+    check_compatible_modules(patch.reference, finetuned, granularity=patch.granularity, restoration=restoration)
 
 
 def similarities(patch: SafetyPatch, finetuned: LoraAdapter) -> dict[str, float]:

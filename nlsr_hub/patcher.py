@@ -12,7 +12,7 @@ from .calibration import fingerprint, load_calibration
 from .config import NLSRConfig
 from .hub import MODEL_PATTERNS, PATCH_FILES, ResolvedInput, resolve
 from .modeling import load_base_model
-from .patch import apply_plan, check_compatible, neuron_counts, similarities
+from .patch import apply_plan, check_compatible, check_compatible_modules, neuron_counts, similarities
 from .plan import RealignmentPlan, plan_realignment
 from .reference import build_reference
 from .result import RealignmentResult
@@ -64,7 +64,8 @@ class NLSRPatcher:
         self.config = config or NLSRConfig()
         self.finetuned = finetuned
         self.aligned, self.weak, self._reference = aligned, weak, reference
-        self._safety_patch = safety_patch
+        self._supplied_patch = safety_patch
+        self._computed_patches: dict[str | None, SafetyPatch] = {}
         self._base = base
         self._model: Any | None = None if isinstance(base, (str, Path)) or base is None else base
         self._tokenizer = tokenizer
@@ -170,38 +171,65 @@ class NLSRPatcher:
         return self._reference
 
     def safety_patch(self, calibration: Any = None, *, progress: bool = True) -> SafetyPatch:
-        """The reference's safety-critical masks: supplied, or computed with one calibration pass (the pass
-        is skipped for scorers that need no statistics)."""
-        if self._safety_patch is not None:
-            return self._safety_patch
+        """The reference's safety-critical masks: supplied, or computed with one calibration pass (skipped for
+        scorers that need no statistics). The computed patch is cached per calibration data: the same data
+        reuses it, other data computes a new one."""
+        if self._supplied_patch is not None:
+            return self._supplied_patch
         config = self.config
-        reference = self.reference_adapter()
         scorer = get_scorer(config.scorer)
+        pairs = load_calibration(calibration, limit=config.max_calibration_samples) if scorer.needs else None
+        key = fingerprint(pairs) if pairs is not None else None
+        cached = self._computed_patches.get(key)
+        if cached is not None:
+            return cached
+        reference = self.reference_adapter()
+        if self.finetuned is not None:  # fail before minutes of forward passes, not after
+            check_compatible_modules(reference, self.finetuned, granularity=config.granularity,
+                                     restoration=config.effective_restoration)
         stats, calibration_meta = None, {}
-        if scorer.needs:
-            pairs = load_calibration(calibration, limit=config.max_calibration_samples)
+        if pairs is not None:
             model, tokenizer = self._load_model()
             stats = collect_statistics(model, tokenizer, reference, pairs, needs=scorer.needs,
                                        batch_size=config.batch_size, max_length=config.max_length, progress=progress)
             tokens = max((s.tokens for s in stats.values()), default=0)
-            calibration_meta = {"samples": len(pairs), "response_tokens": tokens, "sha256": fingerprint(pairs),
+            calibration_meta = {"samples": len(pairs), "response_tokens": tokens, "sha256": key,
                                 "source": "built-in" if calibration is None else type(calibration).__name__}
         metadata = {
             "scorer": config.scorer, "sparsity_ratio": config.sparsity_ratio, "granularity": config.granularity,
             "beta": config.beta, "compat": config.compat, "seed": config.seed, "calibration": calibration_meta,
             "inputs": {k: v for k, v in self.inputs.items() if k in ("base", "aligned", "weak", "reference")},
         }
-        self._safety_patch = build_safety_patch(
+        patch = build_safety_patch(
             reference, stats, scorer=config.scorer, sparsity_ratio=config.sparsity_ratio,
             granularity=config.granularity, compat=config.compat, seed=config.seed, metadata=metadata,
         )
-        return self._safety_patch
+        self._computed_patches[key] = patch
+        return patch
 
     def _target(self, finetuned: LoraAdapter | None) -> LoraAdapter:
         target = self.finetuned if finetuned is None else finetuned
         if target is None:
             raise ValueError("No fine-tuned adapter to realign: pass `finetuned` to `from_pretrained` or `realign`.")
         return target
+
+    def _plan_and_patch(
+        self, calibration: Any, finetuned: LoraAdapter | None, finetuned_lineage: Mapping[str, Any] | None,
+        progress: bool,
+    ) -> tuple[RealignmentPlan, SafetyPatch, LoraAdapter]:
+        target = self._target(finetuned)
+        patch = self.safety_patch(calibration, progress=progress)
+        if finetuned is not None:
+            check_same_base({"reference": patch.reference, "finetuned": target})
+        check_compatible(patch, target, restoration=self.config.effective_restoration)
+        inputs = dict(self.inputs)
+        if finetuned_lineage is not None:
+            inputs["finetuned"] = dict(finetuned_lineage)
+        plan = plan_realignment(
+            similarities(patch, target), neuron_counts(patch), self.config, inputs=inputs,
+            calibration=patch.metadata.get("calibration", {}),
+        )
+        return plan, patch, target
 
     def plan(
         self,
@@ -213,18 +241,7 @@ class NLSRPatcher:
     ) -> RealignmentPlan:
         """Similarity and decision for every module (no weights are built). `finetuned` replaces the
         patcher's own fine-tuned adapter (batch mode: one safety patch, many adapters)."""
-        patch = self.safety_patch(calibration, progress=progress)
-        target = self._target(finetuned)
-        if finetuned is not None:
-            check_same_base({"reference": patch.reference, "finetuned": target})
-        check_compatible(patch, target, restoration=self.config.effective_restoration)
-        inputs = dict(self.inputs)
-        if finetuned_lineage is not None:
-            inputs["finetuned"] = dict(finetuned_lineage)
-        return plan_realignment(
-            similarities(patch, target), neuron_counts(patch), self.config, inputs=inputs,
-            calibration=patch.metadata.get("calibration", {}),
-        )
+        return self._plan_and_patch(calibration, finetuned, finetuned_lineage, progress)[0]
 
     def realign(
         self,
@@ -243,8 +260,6 @@ class NLSRPatcher:
             dry_run: return the plan only (``result.adapter is None``).
             finetuned: realign this adapter instead of the patcher's own, reusing the safety patch.
         """
-        plan = self.plan(calibration, finetuned=finetuned, finetuned_lineage=finetuned_lineage, progress=progress)
-        patch = self.safety_patch()
-        target = self._target(finetuned)
+        plan, patch, target = self._plan_and_patch(calibration, finetuned, finetuned_lineage, progress)
         adapter = None if dry_run else apply_plan(target, patch, plan)
         return RealignmentResult(plan=plan, adapter=adapter, config=self.config, safety_patch=patch)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .adapters import LoraModule
+from .masks import round_half_up
 
 NEEDS = ("activations", "gradients", "preference_gradients")
 
@@ -83,7 +84,7 @@ def _require(stats: ModuleStats | None, *attrs: str) -> ModuleStats:
 def kept_directions(rank: int, sparsity_ratio: float, compat: bool = False) -> int:
     """How many singular directions the low-rank scorer keeps: ``round(r·(1−P_SR))`` (paper) or
     ``int(r·P_SR)`` (published code)."""
-    k = int(rank * sparsity_ratio) if compat else round(rank * (1.0 - sparsity_ratio))
+    k = int(rank * sparsity_ratio + 1e-9) if compat else round_half_up(rank * (1.0 - sparsity_ratio))
     return max(1, min(rank, k))
 
 

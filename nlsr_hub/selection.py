@@ -16,6 +16,7 @@ import torch
 
 from .adapters import layer_index
 from .config import NLSRConfig, parse_block_ranges
+from .masks import round_half_up
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ def select_modules(similarities: Mapping[str, float], config: NLSRConfig) -> dic
     if config.selection == "threshold":
         return {name: Selection(similarities[name] < config.threshold, position[name]) for name in order}
     if config.selection == "fraction":
-        k = round(config.fraction * n)
+        k = round_half_up(config.fraction * n)
         return {name: Selection(position[name] < k, position[name]) for name in order}
     if config.selection == "blocks":
         blocks = set(parse_block_ranges(config.blocks or ""))

@@ -16,7 +16,8 @@ from .masks import ModuleMask
 
 def lowrank_inner(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> float:
     """Frobenius inner product of ``B1 @ A1`` and ``B2 @ A2`` without forming either product."""
-    B1, A1, B2, A2 = (t.to(torch.float32) for t in (B1, A1, B2, A2))
+    # Fresh, aligned float32 copies: BLAS results must not depend on where a loaded tensor happens to sit.
+    B1, A1, B2, A2 = (t.to(torch.float32, memory_format=torch.contiguous_format, copy=True) for t in (B1, A1, B2, A2))
     return float(torch.sum((B1.T @ B2) * (A1 @ A2.T)))
 
 

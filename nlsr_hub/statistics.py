@@ -84,6 +84,8 @@ def collect_statistics(
             loss.backward()
             recorder.accumulate_gradients()
         stats = recorder.stats
+        for module_stats in stats.values():
+            module_stats.tokens = recorder.tokens_seen
     logger.info("calibration: %d samples, %d batches", len(chosen), n_batches)
     return stats
 

@@ -190,9 +190,9 @@ def check_tokens(max_new_tokens: int) -> int:
 
 def compare(session: Session | None, prompt: str, max_new_tokens: int) -> tuple[str, str, str, str]:
     """Answers of the fine-tuned and the realigned adapter to `prompt`, each with the refusal judge's verdict."""
+    prompt, tokens = check_prompt(prompt), check_tokens(max_new_tokens)
     if session is None:
         raise SpaceError("Run a realignment first.")
-    prompt, tokens = check_prompt(prompt), check_tokens(max_new_tokens)
     judge = get_judge("refusal")
     out = []
     for which in ("finetuned", "realigned"):
@@ -207,8 +207,6 @@ def evaluate(session: Session | None, prompts_text: str, max_new_tokens: int) ->
     """Harmful score and refusal rate (refusal judge) of both adapters on up to MAX_PROMPT_SET prompts."""
     from nlsr_hub.evaluation import harmful_score
 
-    if session is None:
-        raise SpaceError("Run a realignment first.")
     prompts = [p.strip() for p in (prompts_text or "").splitlines() if p.strip()]
     if not prompts:
         raise SpaceError("Give at least one harmful prompt, one per line.")
@@ -217,6 +215,8 @@ def evaluate(session: Session | None, prompts_text: str, max_new_tokens: int) ->
     for prompt in prompts:
         check_prompt(prompt)
     tokens = check_tokens(max_new_tokens)
+    if session is None:
+        raise SpaceError("Run a realignment first.")
     scores = {}
     for which in ("finetuned", "realigned"):
         model, tokenizer = _model(session, which)
