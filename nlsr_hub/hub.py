@@ -147,6 +147,36 @@ def push_folder_with(
         )
 
 
+class PushToHubMixin:
+    """`push_to_hub` for objects that can write themselves into a folder (huggingface_hub's keyword names).
+
+    Subclasses implement `_write_for_hub(folder, repo_id, existing_card)`.
+    """
+
+    _commit_message = "Upload with nlsr-hub"
+
+    def _write_for_hub(self, folder: Path, repo_id: str, existing: Any | None) -> None:
+        raise NotImplementedError
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        commit_message: str | None = None,
+    ) -> Any:
+        """Save to a temporary folder and upload it to `repo_id` in one commit; returns the `CommitInfo`.
+        An existing model card in the repo is updated, not replaced: the user's text and YAML keys stay."""
+        card = existing_card(repo_id, token=token, revision=revision)
+        return push_folder_with(
+            lambda folder: self._write_for_hub(folder, repo_id, card), repo_id, private=private, token=token,
+            revision=revision, create_pr=create_pr, commit_message=commit_message or self._commit_message,
+        )
+
+
 def push_saved_folder(
     folder: str | Path,
     repo_id: str,

@@ -11,6 +11,7 @@ from typing import Any
 from .adapters import LoraAdapter, save_adapter
 from .card import PLOT_NAME, render_card
 from .config import NLSRConfig
+from .hub import PushToHubMixin
 from .io import atomic_write_bytes, atomic_write_text
 from .plan import PLAN_NAME, RealignmentPlan
 from .plot import similarity_heatmap_png
@@ -20,8 +21,11 @@ CONFIG_FILE_NAME = "nlsr_config.json"
 
 
 @dataclass(frozen=True)
-class RealignmentResult:
-    """What `NLSRPatcher.realign` returns. `adapter` is None for a dry run."""
+class RealignmentResult(PushToHubMixin):
+    """What `NLSRPatcher.realign` returns. `adapter` is None for a dry run. `push_to_hub(repo_id, ...)`
+    uploads the saved folder in one commit."""
+
+    _commit_message = "Upload NLSR-realigned adapter"
 
     plan: RealignmentPlan
     adapter: LoraAdapter | None
@@ -71,24 +75,5 @@ class RealignmentResult:
         atomic_write_text(directory / "README.md", str(self.model_card(repo_id, existing=existing_card)))
         return directory
 
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        private: bool | None = None,
-        token: str | bool | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        commit_message: str = "Upload NLSR-realigned adapter",
-    ) -> Any:
-        """Upload the saved folder to `repo_id` in one commit; returns huggingface_hub's `CommitInfo`.
-
-        An existing model card in the repo is updated, not replaced: the user's text and YAML stay.
-        """
-        from .hub import existing_card, push_folder_with
-
-        card = existing_card(repo_id, token=token, revision=revision)
-        return push_folder_with(
-            lambda folder: self.save_pretrained(folder, repo_id=repo_id, existing_card=card), repo_id,
-            private=private, token=token, revision=revision, create_pr=create_pr, commit_message=commit_message,
-        )
+    def _write_for_hub(self, folder: Path, repo_id: str, existing: Any | None) -> None:
+        self.save_pretrained(folder, repo_id=repo_id, existing_card=existing)

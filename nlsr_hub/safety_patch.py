@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from .adapters import AdapterError, LoraAdapter, LoraModule
+from .adapters import LoraAdapter, LoraModule
+from .hub import PushToHubMixin
 from .io import atomic_write_bytes, atomic_write_text
 from .masks import ModuleMask, mask_from_scores
 from .scoring import ModuleStats, get_scorer
@@ -27,8 +28,11 @@ PATCH_FORMAT = 1
 
 
 @dataclass(frozen=True)
-class SafetyPatch:
-    """Reference modules and their masks (``masks[name]`` applies to ``reference.modules[name]``)."""
+class SafetyPatch(PushToHubMixin):
+    """Reference modules and their masks (``masks[name]`` applies to ``reference.modules[name]``).
+    `push_to_hub(repo_id, ...)` uploads it in one commit."""
+
+    _commit_message = "Upload NLSR safety patch"
 
     reference: LoraAdapter
     masks: Mapping[str, ModuleMask]
@@ -97,53 +101,8 @@ class SafetyPatch:
             lines.append(f"- {role}: `{info.get('repo_id') or info.get('spec')}` {info.get('commit') or ''}".rstrip())
         return "\n".join(lines) + "\n"
 
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        private: bool | None = None,
-        token: str | bool | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        commit_message: str = "Upload NLSR safety patch",
-    ) -> Any:
-        """Upload the patch to `repo_id` in one commit; returns huggingface_hub's `CommitInfo`."""
-        from .hub import push_folder_with
-
-        return push_folder_with(self.save_pretrained, repo_id, private=private, token=token, revision=revision,
-                                create_pr=create_pr, commit_message=commit_message)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> SafetyPatch:
-        """Read a patch written by `save_pretrained` (safetensors only, never pickle)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        directory = Path(path)
-        meta_path, weights_path = directory / PATCH_META_NAME, directory / PATCH_WEIGHTS_NAME
-        if not meta_path.is_file() or not weights_path.is_file():
-            raise AdapterError(
-                f"{directory} is not an nlsr safety patch: it needs `{PATCH_META_NAME}` and `{PATCH_WEIGHTS_NAME}` "
-                "(written by `SafetyPatch.save_pretrained` or `nlsr patch`)."
-            )
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            tensors = load_file(str(weights_path))
-        except (json.JSONDecodeError, SafetensorError, OSError, ValueError) as err:
-            raise AdapterError(f"Safety patch {directory} is corrupt ({err}); build or download it again.") from None
-        if meta.get("format") != PATCH_FORMAT:
-            raise AdapterError(
-                f"Safety patch format {meta.get('format')!r} is not supported (expected {PATCH_FORMAT})."
-            )
-        modules, masks = {}, {}
-        try:
-            for name, info in meta["modules"].items():
-                modules[name] = LoraModule(tensors[f"{name}.ref_A"], tensors[f"{name}.ref_B"], float(info["scale"]))
-                masks[name] = ModuleMask(A=tensors.get(f"{name}.mask_A"), B=tensors[f"{name}.mask_B"])
-        except KeyError as err:
-            raise AdapterError(f"Safety patch {directory} lacks tensor {err}; the file is incomplete.") from None
-        reference = LoraAdapter(modules=modules, config=meta.get("reference_config", {}))
-        return cls(reference=reference, masks=masks, metadata=meta.get("metadata", {}))
+    def _write_for_hub(self, folder: Path, repo_id: str, existing: Any | None) -> None:
+        self.save_pretrained(folder)
 
 
 def build_safety_patch(

@@ -1,0 +1,69 @@
+"""``python -m nlsr_hub.experiments {grid,demo}``: the paper's grid and the README demo (needs extra ``train``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .data import DataMissing
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m nlsr_hub.experiments", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    grid = sub.add_parser("grid", help="align -> poisoned fine-tune -> realign -> evaluate, the paper's grid")
+    size = grid.add_mutually_exclusive_group()
+    for name, text in (("quick", "2-core CPU, < 1 h (default)"), ("full", "GPU, the paper's sizes"),
+                       ("tiny", "a random 2-block model: smoke test in seconds")):
+        size.add_argument(f"--{name}", dest="preset", action="store_const", const=name, help=text)
+    grid.add_argument("--methods", help="comma-separated alignment methods (sft,dpo,orpo,kto,simpo); "
+                      "the first gets the full attack sweep")
+    demo = sub.add_parser("demo", help="SmolLM2: SFT alignment, SST-2 p=0.05 attack, NLSR, HS/FA before and after")
+    for command in (grid, demo):
+        command.add_argument("--out", type=Path, help="results folder (default results/<preset>)")
+        command.add_argument("--data", type=Path, help="benchmark data folder (default $NLSR_DATA or ../shared/data)")
+        command.add_argument("--cache", type=Path, help="weights and stage cache (default $NLSR_CACHE or "
+                             "~/.cache/nlsr-hub)")
+        command.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .presets import PRESETS
+
+    preset = "demo" if args.command == "demo" else (args.preset or "quick")
+    settings = PRESETS[preset]
+    if args.command == "grid" and args.methods:
+        settings = dataclasses.replace(settings, methods=tuple(m.strip() for m in args.methods.split(",") if m))
+    out = args.out or Path("results") / preset
+    out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        handlers=[logging.StreamHandler(sys.stderr), logging.FileHandler(out / f"{preset}.log")])
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from .grid import run_grid
+
+    started = time.perf_counter()
+    try:
+        results = run_grid(settings, out=out, data=args.data, cache=args.cache, progress=not args.no_progress)
+    except DataMissing as err:
+        print(f"nlsr experiments: benchmark data missing: {err}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - started
+    if args.command == "demo":
+        from .demo import summary
+
+        print(summary(results, seconds))
+    else:
+        print((out / "results.md").read_text(encoding="utf-8"))
+        print(f"results written to {out} in {seconds:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,46 @@
+"""Calibration data as in the paper: the safety reference model's own answers to held-out harmful prompts,
+kept only where the judge calls them safe (here: the keyword refusal judge says they refuse)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..adapters import load_adapter
+from ..evaluation import generate_responses
+from ..evaluation.judges import is_refusal
+from ..modeling import attached_adapter
+from ..reference import build_reference
+
+
+def filter_safe(prompts: Sequence[str], responses: Sequence[str], rejected: Sequence[str | None] | None = None, *,
+                is_safe: Callable[[str], bool] = is_refusal) -> list[dict[str, Any]]:
+    """``{"prompt", "response", "rejected"}`` rows whose response `is_safe` (empty responses are dropped)."""
+    rejected = list(rejected) if rejected is not None else [None] * len(prompts)
+    rows = []
+    for prompt, response, bad in zip(prompts, responses, rejected, strict=True):
+        if response.strip() and is_safe(response):
+            row = {"prompt": prompt, "response": response}
+            if bad:
+                row["rejected"] = bad
+            rows.append(row)
+    return rows
+
+
+def reference_calibration(base: str | Path, aligned: str | Path, prompts: Sequence[str], *, beta: float = 0.9,
+                          rejected: Sequence[str | None] | None = None, max_new_tokens: int = 64,
+                          batch_size: int = 16, progress: bool = True) -> tuple[list[dict[str, Any]], int]:
+    """Generate the EXPO reference's (``(1+beta)·ΔW_aligned``) greedy answers to `prompts` and keep the safe
+    ones. Returns the kept rows and the number generated."""
+    from .evaluate import device
+    from .train import load_model
+
+    model, tokenizer = load_model(base)
+    model.config.use_cache = True
+    model = model.to(device()).eval()
+    reference = build_reference(load_adapter(aligned), None, beta=beta)
+    with attached_adapter(model, reference) as peft_model:
+        responses = generate_responses(peft_model, tokenizer, list(prompts), max_new_tokens=max_new_tokens,
+                                       batch_size=batch_size, progress=progress, desc="nlsr: calibration")
+    return filter_safe(prompts, responses, rejected), len(prompts)

@@ -1,0 +1,42 @@
+"""Named grid settings: ``tiny`` (tests), ``demo`` (the README demo), ``quick`` (2-core CPU, < 1 h), ``full``
+(GPU, the paper's sizes)."""
+
+from __future__ import annotations
+
+from .evaluate import EvalSettings
+from .grid import GridSettings
+from .train import METHODS, TrainSettings
+
+QUICK = GridSettings(preset="quick")
+
+DEMO = GridSettings(
+    preset="demo", focus_only=True, scorers=(), ablations=(), evaluate_safelora=False,
+    eval=EvalSettings(advbench=50, beavertails=50, harmless=30, fa={"sst2": 100}),
+)
+
+FULL = GridSettings(
+    preset="full", methods=METHODS, align_refusals=1015, align_harmless=1000, align_preferences=2000,
+    align=TrainSettings(lr=2e-4, epochs=2, max_length=256, rank=128, alpha=256, batch_size=16),
+    preference=TrainSettings(lr=5e-5, epochs=1, max_length=384, rank=128, alpha=256, batch_size=16, beta=0.1),
+    attack=TrainSettings(lr=1e-4, epochs=1, max_length=256, rank=128, alpha=256, batch_size=8),
+    attack_max_length={"sst2": 256, "ag_news": 384, "gsm8k": 512},
+    attack_n={"sst2": None, "ag_news": None, "gsm8k": None}, calibration_prompts=400, calibration_tokens=128,
+    nlsr={"max_calibration_samples": 2000, "max_length": 384},
+    eval=EvalSettings(advbench=None, beavertails=None, harmless=100, hs_new_tokens=128,
+                      fa={"sst2": None, "ag_news": 500, "gsm8k": 500}, gsm8k_new_tokens=200, batch_size=32),
+)
+
+TINY = GridSettings(
+    preset="tiny", model="tiny", align_refusals=8, align_harmless=8, align_preferences=8, harmless_answer_tokens=8,
+    align=TrainSettings(max_steps=1, batch_size=4, max_length=256, rank=4, alpha=8, bf16=False),
+    preference=TrainSettings(max_steps=1, batch_size=4, max_length=256, rank=4, alpha=8, bf16=False),
+    attack=TrainSettings(max_steps=1, batch_size=4, max_length=256, rank=4, alpha=8, bf16=False),
+    attack_max_length={"sst2": 512}, attack_n={"sst2": 8, "ag_news": 8, "gsm8k": 8}, sst2_ps=(0.0, 0.05),
+    other_tasks=(),
+    calibration_prompts=6, calibration_tokens=8, nlsr={"max_calibration_samples": 8, "max_length": 64},
+    scorers=("wanda",), ablations=(("fraction 0.2", {"selection": "fraction", "fraction": 0.2}),),
+    eval=EvalSettings(advbench=3, beavertails=3, harmless=2, hs_new_tokens=4, fa={"sst2": 3}, batch_size=4),
+    validate_judge=False,
+)
+
+PRESETS = {"tiny": TINY, "demo": DEMO, "quick": QUICK, "full": FULL}
