@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .adapters import LoraAdapter, LoraModule
+from .adapters import AdapterError, LoraAdapter, LoraModule
 from .hub import PushToHubMixin
 from .io import atomic_write_bytes, atomic_write_text
 from .masks import ModuleMask, mask_from_scores
@@ -103,6 +103,39 @@ class SafetyPatch(PushToHubMixin):
 
     def _write_for_hub(self, folder: Path, repo_id: str, existing: Any | None) -> None:
         self.save_pretrained(folder)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> SafetyPatch:
+        """Read a patch written by `save_pretrained` (safetensors only, never pickle)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(path)
+        meta_path, weights_path = directory / PATCH_META_NAME, directory / PATCH_WEIGHTS_NAME
+        if not meta_path.is_file() or not weights_path.is_file():
+            raise AdapterError(
+                f"{directory} is not an nlsr safety patch: it needs `{PATCH_META_NAME}` and `{PATCH_WEIGHTS_NAME}` "
+                "(written by `SafetyPatch.save_pretrained` or `nlsr patch`)."
+            )
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            tensors = load_file(str(weights_path))
+        except (json.JSONDecodeError, SafetensorError, OSError, ValueError) as err:
+            raise AdapterError(f"Safety patch {directory} is corrupt ({err}); build or download it again.") from None
+        if meta.get("format") != PATCH_FORMAT:
+            raise AdapterError(
+                f"Safety patch format {meta.get('format')!r} is not supported (expected {PATCH_FORMAT})."
+            )
+        modules, masks = {}, {}
+        try:
+            for name, info in meta["modules"].items():
+                modules[name] = LoraModule(tensors[f"{name}.ref_A"], tensors[f"{name}.ref_B"], float(info["scale"]))
+                masks[name] = ModuleMask(A=tensors.get(f"{name}.mask_A"), B=tensors[f"{name}.mask_B"])
+        except KeyError as err:
+            raise AdapterError(f"Safety patch {directory} lacks tensor {err}; the file is incomplete.") from None
+        reference = LoraAdapter(modules=modules, config=meta.get("reference_config", {}))
+        return cls(reference=reference, masks=masks, metadata=meta.get("metadata", {}))
+
 
 
 def build_safety_patch(
