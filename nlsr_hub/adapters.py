@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .io import atomic_write_bytes, atomic_write_text
+from .io import atomic_directory, atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -266,13 +266,12 @@ def save_adapter(adapter: LoraAdapter, path: str | Path) -> Path:
     """Write `adapter` as a stock PEFT adapter folder (atomic per file, byte-deterministic)."""
     from safetensors.torch import save
 
-    directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
     state = adapter_state_dict(adapter)
     payload = save(dict(sorted(state.items())), metadata={"format": "pt"})
-    atomic_write_bytes(directory / WEIGHTS_NAME, payload)
-    atomic_write_text(directory / CONFIG_NAME, json.dumps(adapter_config_for(adapter), indent=2) + "\n")
-    return directory
+    with atomic_directory(path) as staging:
+        atomic_write_bytes(staging / WEIGHTS_NAME, payload)
+        atomic_write_text(staging / CONFIG_NAME, json.dumps(adapter_config_for(adapter), indent=2) + "\n")
+    return Path(path)
 
 
 def peft_config_object(adapter: LoraAdapter) -> Any:

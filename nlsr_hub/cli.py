@@ -354,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, OSError) as err:
         if args.debug:
             raise
-        print(f"nlsr {args.command}: error: {err}", file=sys.stderr)
+        print(f"nlsr {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
 
 

@@ -111,13 +111,14 @@ def resolve(
 
 def existing_card(repo_id: str, *, token: str | bool | None = None, revision: str | None = None) -> Any | None:
     """The `ModelCard` already in `repo_id` (None if the repo or its README does not exist yet)."""
-    from huggingface_hub import ModelCard
+    from huggingface_hub import ModelCard, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
-        return ModelCard.load(repo_id, token=token, revision=revision)
+        path = hf_hub_download(repo_id, "README.md", revision=revision, token=token)
     except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
         return None
+    return ModelCard.load(Path(path))
 
 
 def push_folder_with(
@@ -136,15 +137,28 @@ def push_folder_with(
     Returns huggingface_hub's `CommitInfo`. Nothing is committed if the upload fails part-way.
     """
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    with tempfile.TemporaryDirectory(prefix="nlsr-push-") as tmp:
-        write(Path(tmp))
-        return api.upload_folder(
-            repo_id=repo_id, folder_path=tmp, revision=revision, create_pr=create_pr,
-            commit_message=commit_message, commit_description=commit_description, repo_type="model",
-        )
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        with tempfile.TemporaryDirectory(prefix="nlsr-push-") as tmp:
+            write(Path(tmp))
+            return api.upload_folder(
+                repo_id=repo_id, folder_path=tmp, revision=revision, create_pr=create_pr,
+                commit_message=commit_message, commit_description=commit_description, repo_type="model",
+            )
+    except HfHubHTTPError as err:
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise ValueError(f"The Hub refused the upload to {repo_id} ({status}): pass a valid write token.") from None
+        raise ValueError(f"Uploading to {repo_id} failed ({status}); nothing was committed. {_one_line(err)}") from None
+    except RuntimeError as err:  # raised by upload_folder when a file transfer fails for good
+        raise ValueError(f"Uploading to {repo_id} was interrupted; nothing was committed. {_one_line(err)}") from None
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 class PushToHubMixin:

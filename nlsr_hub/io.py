@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -27,3 +30,24 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """`atomic_write_bytes` for UTF-8 text with Unix newlines."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | Path) -> Iterator[Path]:
+    """Yield a staging folder beside `target` to write into. On success, a new `target` appears whole (one
+    rename); an existing one gets each file replaced atomically. On failure the staging folder is removed
+    and `target` is left as it was."""
+    final = Path(target)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        yield staging
+        os.chmod(staging, 0o755)
+        if not final.exists():
+            os.rename(staging, final)
+            return
+        for item in sorted(staging.iterdir()):
+            os.replace(item, final / item.name)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

@@ -191,7 +191,8 @@ class NLSRPatcher:
         if pairs is not None:
             model, tokenizer = self._load_model()
             stats = collect_statistics(model, tokenizer, reference, pairs, needs=scorer.needs,
-                                       batch_size=config.batch_size, max_length=config.max_length, progress=progress)
+                                       batch_size=config.batch_size, max_length=config.max_length, progress=progress,
+                                       sparsity_ratio=config.sparsity_ratio, compat=config.compat)
             tokens = max((s.tokens for s in stats.values()), default=0)
             calibration_meta = {"samples": len(pairs), "response_tokens": tokens, "sha256": key,
                                 "source": "built-in" if calibration is None else type(calibration).__name__}

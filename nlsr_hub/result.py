@@ -12,7 +12,7 @@ from .adapters import LoraAdapter, save_adapter
 from .card import PLOT_NAME, render_card
 from .config import NLSRConfig
 from .hub import PushToHubMixin
-from .io import atomic_write_bytes, atomic_write_text
+from .io import atomic_directory, atomic_write_bytes, atomic_write_text
 from .plan import PLAN_NAME, RealignmentPlan
 from .plot import similarity_heatmap_png
 from .safety_patch import SafetyPatch
@@ -67,13 +67,14 @@ class RealignmentResult(PushToHubMixin):
         if self.adapter is None:
             raise ValueError("This result comes from a dry run and has no adapter; call `realign()` without "
                              "`dry_run=True` to build one.")
-        directory = Path(save_directory)
-        save_adapter(self.adapter, directory)
-        self.plan.save(directory / PLAN_NAME)
-        atomic_write_text(directory / CONFIG_FILE_NAME, self.config.to_json())
-        atomic_write_bytes(directory / PLOT_NAME, similarity_heatmap_png(self.plan))
-        atomic_write_text(directory / "README.md", str(self.model_card(repo_id, existing=existing_card)))
-        return directory
+        card = str(self.model_card(repo_id, existing=existing_card))
+        with atomic_directory(save_directory) as directory:
+            save_adapter(self.adapter, directory)
+            self.plan.save(directory / PLAN_NAME)
+            atomic_write_text(directory / CONFIG_FILE_NAME, self.config.to_json())
+            atomic_write_bytes(directory / PLOT_NAME, similarity_heatmap_png(self.plan))
+            atomic_write_text(directory / "README.md", card)
+        return Path(save_directory)
 
     def _write_for_hub(self, folder: Path, repo_id: str, existing: Any | None) -> None:
         self.save_pretrained(folder, repo_id=repo_id, existing_card=existing)

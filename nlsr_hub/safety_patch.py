@@ -18,7 +18,7 @@ import torch
 
 from .adapters import AdapterError, LoraAdapter, LoraModule
 from .hub import PushToHubMixin
-from .io import atomic_write_bytes, atomic_write_text
+from .io import atomic_directory, atomic_write_bytes, atomic_write_text
 from .masks import ModuleMask, mask_from_scores
 from .scoring import ModuleStats, get_scorer
 
@@ -53,11 +53,9 @@ class SafetyPatch(PushToHubMixin):
         return LoraModule(A, module.B * mask.B, module.scale)
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write the patch (safetensors + JSON; atomic per file, byte-deterministic)."""
+        """Write the patch (safetensors + JSON + README; atomic, byte-deterministic)."""
         from safetensors.torch import save
 
-        directory = Path(path)
-        directory.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
         modules_meta: dict[str, Any] = {}
         for name in sorted(self.reference.modules):
@@ -68,7 +66,6 @@ class SafetyPatch(PushToHubMixin):
             if mask.A is not None:
                 tensors[f"{name}.mask_A"] = mask.A.contiguous()
             modules_meta[name] = {"scale": module.scale, "critical": mask.count(), "total": mask.total()}
-        atomic_write_bytes(directory / PATCH_WEIGHTS_NAME, save(tensors, metadata={"format": "nlsr-safety-patch"}))
         meta = {
             "format": PATCH_FORMAT,
             "granularity": self.granularity,
@@ -76,9 +73,11 @@ class SafetyPatch(PushToHubMixin):
             "reference_config": dict(self.reference.config),
             "modules": modules_meta,
         }
-        atomic_write_text(directory / PATCH_META_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        atomic_write_text(directory / "README.md", self._card_text())
-        return directory
+        with atomic_directory(path) as directory:
+            atomic_write_bytes(directory / PATCH_WEIGHTS_NAME, save(tensors, metadata={"format": "nlsr-safety-patch"}))
+            atomic_write_text(directory / PATCH_META_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            atomic_write_text(directory / "README.md", self._card_text())
+        return Path(path)
 
     def _card_text(self) -> str:
         calibration = dict(self.metadata.get("calibration") or {})

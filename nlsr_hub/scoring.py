@@ -5,6 +5,8 @@ the largest scores. ``needs`` says which statistics the calibration pass must re
 
 - ``activations``: per module, the running Gram ``G = Σ z zᵀ`` (r×r) of A's output on response tokens and
   the running sum of squares of A's input (d_in). Constant memory in the number of tokens.
+- ``sequential_activations``: the same Gram statistics, recorded block by block on a model whose earlier
+  blocks already carry their low-rank projections (the published code's variant).
 - ``gradients``: running sums of ``|∇ NLL|`` for A and B on the calibration responses.
 - ``preference_gradients``: the same for a DPO-style loss on (chosen, rejected) pairs.
 """
@@ -20,7 +22,7 @@ import torch
 from .adapters import LoraModule
 from .masks import round_half_up
 
-NEEDS = ("activations", "gradients", "preference_gradients")
+NEEDS = ("activations", "sequential_activations", "gradients", "preference_gradients")
 
 
 @dataclass
@@ -119,6 +121,22 @@ def score_low_rank(
     stats = _require(stats, "gram")
     k = kept_directions(module.rank, sparsity_ratio, compat)
     return project_A(module.A, stats.gram, k).abs(), project_B(module.B, stats.gram, k).abs()
+
+
+@register_scorer("low_rank_sequential", needs=("sequential_activations",))
+def score_low_rank_sequential(
+    module: LoraModule, stats: ModuleStats | None, *, sparsity_ratio: float, compat: bool = False, **_: object
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``low_rank`` with statistics recorded block by block on the already-projected model (fidelity variant)."""
+    return score_low_rank(module, stats, sparsity_ratio=sparsity_ratio, compat=compat)
+
+
+def low_rank_projection(module: LoraModule, gram: torch.Tensor, sparsity_ratio: float, compat: bool = False
+                        ) -> LoraModule:
+    """The module with both factors replaced by their low-rank projections (same scale)."""
+    k = kept_directions(module.rank, sparsity_ratio, compat)
+    return LoraModule(project_A(module.A, gram, k).to(module.A.dtype), project_B(module.B, gram, k).to(module.B.dtype),
+                      module.scale)
 
 
 # ------------------------------------------------------------------------------------- Wanda, SNIP, random

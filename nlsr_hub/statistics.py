@@ -7,6 +7,7 @@ negative log-likelihood of the responses (``snip``) or on a DPO-style loss over 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -15,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .adapters import LoraAdapter
+from .adapters import LoraAdapter, layer_index
 from .calibration import CalibrationPair, encode_pairs, iter_batches
-from .hooks import StatsRecorder
+from .hooks import StatsRecorder, lora_layer
 from .modeling import ADAPTER_NAME, attached_adapter
-from .scoring import ModuleStats
+from .scoring import ModuleStats, low_rank_projection
 
 logger = logging.getLogger(__name__)
 DPO_BETA = 0.1
@@ -48,13 +49,19 @@ def collect_statistics(
     batch_size: int = 8,
     max_length: int = 512,
     progress: bool = True,
+    sparsity_ratio: float = 0.8,
+    compat: bool = False,
 ) -> dict[str, ModuleStats]:
-    """Statistics of every reference module over the calibration responses (see `nlsr_hub.scoring`)."""
+    """Statistics of every reference module over the calibration responses (see `nlsr_hub.scoring`).
+    `sparsity_ratio` and `compat` only matter for ``sequential_activations`` (the projections in between)."""
     if not needs:
         return {}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     chosen = encode_pairs(tokenizer, pairs, max_length)
+    if "sequential_activations" in needs:
+        return _collect_sequential(model, reference, chosen, batch_size=batch_size, pad_id=pad_id, device=device,
+                                   sparsity_ratio=sparsity_ratio, compat=compat, progress=progress)
     preference = "preference_gradients" in needs
     gradients = preference or "gradients" in needs
     rejected = encode_pairs(tokenizer, pairs, max_length, use_rejected=True) if preference else None
@@ -87,6 +94,61 @@ def collect_statistics(
         for module_stats in stats.values():
             module_stats.tokens = recorder.tokens_seen
     logger.info("calibration: %d samples, %d batches", len(chosen), n_batches)
+    return stats
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the block being recorded has run: later blocks are not needed."""
+
+
+def _stop_hook(name: str, seen: set[str], total: int):
+    """A forward hook marking `name` as run; it stops the pass once all `total` recorded modules have run."""
+
+    def hook(*_: Any) -> None:
+        seen.add(name)
+        if len(seen) == total:
+            raise _StopForward
+
+    return hook
+
+
+def _collect_sequential(
+    model: Any, reference: LoraAdapter, samples: Sequence[Any], *, batch_size: int, pad_id: int,
+    device: torch.device, sparsity_ratio: float, compat: bool, progress: bool,
+) -> dict[str, ModuleStats]:
+    """Block by block: record a block's Gram statistics, then give its modules their low-rank projections,
+    so block l+1 is recorded on the already-projected model. Each pass stops after the recorded block."""
+    blocks: dict[int | None, list[str]] = {}
+    for name in sorted(reference.modules):
+        blocks.setdefault(layer_index(name), []).append(name)
+    order = sorted(blocks, key=lambda b: (b is None, b or 0))
+    stats: dict[str, ModuleStats] = {}
+    with attached_adapter(model, reference) as peft_model:
+        for block in tqdm(order, desc="nlsr: sequential calibration", unit="block", disable=not progress):
+            names = blocks[block]
+            seen: set[str] = set()
+            with StatsRecorder(peft_model, names, ADAPTER_NAME) as recorder:
+                linears = {n: lora_layer(peft_model, n).lora_A[ADAPTER_NAME] for n in names}
+                handles = [linears[n].register_forward_hook(_stop_hook(n, seen, len(names))) for n in names]
+                try:
+                    for batch in iter_batches(samples, batch_size, pad_id):
+                        batch = _to(batch, device)
+                        recorder.set_token_mask(batch["response_mask"])
+                        seen.clear()
+                        with torch.no_grad(), contextlib.suppress(_StopForward):
+                            peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                finally:
+                    for handle in handles:
+                        handle.remove()
+            for name in names:
+                module_stats = recorder.stats[name]
+                module_stats.tokens = recorder.tokens_seen
+                stats[name] = module_stats
+                projected = low_rank_projection(reference.modules[name], module_stats.gram, sparsity_ratio, compat)
+                layer = lora_layer(peft_model, name)
+                with torch.no_grad():
+                    layer.lora_A[ADAPTER_NAME].weight.copy_(projected.A)
+                    layer.lora_B[ADAPTER_NAME].weight.copy_(projected.B)
     return stats
 
 

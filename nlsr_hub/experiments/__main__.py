@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--cache", type=Path, help="weights and stage cache (default $NLSR_CACHE or "
                              "~/.cache/nlsr-hub)")
         command.add_argument("--no-progress", action="store_true", help="no progress bars")
+        command.add_argument("--threads", type=int, default=int(os.environ.get("NLSR_THREADS", "0")),
+                             help="torch CPU threads (default $NLSR_THREADS, else torch's default); 1 is much "
+                             "faster than 2 when other processes share the cores")
     return parser
 
 
@@ -46,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
                         handlers=[logging.StreamHandler(sys.stderr), logging.FileHandler(out / f"{preset}.log")])
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     from .grid import run_grid
 
     started = time.perf_counter()

@@ -309,7 +309,7 @@ def run_grid(settings: GridSettings, *, out: str | Path, data: str | Path | None
                   "harmful_eval": {k: len(v) for k, v in harmful_eval.items()}, "harmless_eval": len(eval_harmless),
                   "tasks": {k: len(v) for k, v in tasks.items()}, "calibration_prompts": len(many_shot)},
         "info": info, "rows": rows, "stage_seconds": stages.timings, "stages_cached": len(stages.skipped),
-        "wall_seconds": round(time.perf_counter() - started, 1),
+        "wall_seconds": round(time.perf_counter() - started, 1), "torch_threads": _threads(),
     }
     write_report(results, out)
     return results
@@ -359,7 +359,7 @@ def _run_method(ctx: _Context, method: str, model_base: Path, aligned_dir: Path,
         ft_dir, ft_key = attacks[(task, p)]
         ctx.evaluate({"method": method, "task": task, "p": p, "model": "finetuned"}, model_base, ft_dir, ft_key,
                      [task])
-    focus = [FOCUS] if FOCUS in attacks else []
+    focus = [FOCUS] if FOCUS in attacks and method == settings.methods[0] else []  # scorers/ablations: 1st method
     variants: list[tuple[str, dict[str, Any], list[tuple[str, float]]]] = [("nlsr", {}, list(attacks))]
     variants += [(f"nlsr-{s}", {"scorer": s}, focus) for s in settings.scorers]
     variants += [(f"nlsr ({label})", dict(over), focus) for label, over in settings.ablations]
@@ -418,6 +418,12 @@ def _run_method(ctx: _Context, method: str, model_base: Path, aligned_dir: Path,
                              for (t, p), (d, _) in attacks.items()}
     info["align_seconds"] = _load(aligned_dir / "train_log.json")["seconds"]
     return info
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _slug(text: str) -> str:

@@ -7,7 +7,7 @@ from .evaluate import EvalSettings
 from .grid import GridSettings
 from .train import METHODS, TrainSettings
 
-QUICK = GridSettings(preset="quick")
+QUICK = GridSettings(preset="quick", methods=("sft", "dpo"), align_preferences=100)
 
 DEMO = GridSettings(
     preset="demo", focus_only=True, scorers=(), ablations=(), evaluate_safelora=False,
