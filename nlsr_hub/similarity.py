@@ -14,18 +14,19 @@ from .adapters import LoraModule
 from .masks import ModuleMask
 
 
-def lowrank_inner(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> float:
-    """Frobenius inner product of ``B1 @ A1`` and ``B2 @ A2`` without forming either product."""
-    # Fresh, aligned float32 copies: BLAS results must not depend on where a loaded tensor happens to sit.
-    B1, A1, B2, A2 = (t.to(torch.float32, memory_format=torch.contiguous_format, copy=True) for t in (B1, A1, B2, A2))
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """A fresh, contiguous float32 copy: BLAS results must not depend on where a loaded tensor sits."""
+    return t.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+
+
+def _inner(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> float:
     return float(torch.sum((B1.T @ B2) * (A1 @ A2.T)))
 
 
-def lowrank_cosine(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> float:
-    """Frobenius cosine of ``B1 @ A1`` and ``B2 @ A2`` (1.0 when both are zero, 0.0 when one is)."""
-    inner = lowrank_inner(B1, A1, B2, A2)
-    norm1 = math.sqrt(max(lowrank_inner(B1, A1, B1, A1), 0.0))
-    norm2 = math.sqrt(max(lowrank_inner(B2, A2, B2, A2), 0.0))
+def _cosine(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> float:
+    inner = _inner(B1, A1, B2, A2)
+    norm1 = math.sqrt(max(_inner(B1, A1, B1, A1), 0.0))
+    norm2 = math.sqrt(max(_inner(B2, A2, B2, A2), 0.0))
     if norm1 == 0.0 and norm2 == 0.0:
         return 1.0
     if norm1 == 0.0 or norm2 == 0.0:
@@ -33,17 +34,25 @@ def lowrank_cosine(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: tor
     return max(-1.0, min(1.0, inner / (norm1 * norm2)))
 
 
+def lowrank_inner(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> float:
+    """Frobenius inner product of ``B1 @ A1`` and ``B2 @ A2`` without forming either product (float32)."""
+    return _inner(_f32(B1), _f32(A1), _f32(B2), _f32(A2))
+
+
+def lowrank_cosine(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> float:
+    """Frobenius cosine of ``B1 @ A1`` and ``B2 @ A2`` (1.0 when both are zero, 0.0 when one is; float32)."""
+    return _cosine(_f32(B1), _f32(A1), _f32(B2), _f32(A2))
+
+
 def masked_factors(module: LoraModule, mask: ModuleMask) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(M_B ⊙ s·B, M_A ⊙ A)`` in float32, the masked factors of a module with its scale folded in."""
-    A = module.A.to(torch.float32)
-    B = module.B.to(torch.float32) * module.scale
-    if mask.A is not None:
-        A = A * mask.A
-    return B * mask.B, A
+    """``(M_B ⊙ s·B, M_A ⊙ A)`` as fresh float32 tensors, the masked factors with the scale folded in."""
+    A = _f32(module.A) if mask.A is None else module.A.to(torch.float32) * mask.A
+    B = (module.B.to(torch.float32) * module.scale) * mask.B
+    return B, A
 
 
 def module_similarity(reference: LoraModule, finetuned: LoraModule, mask: ModuleMask) -> float:
     """``S_j = cos_F((M_B⊙B_e)(M_A⊙A_e), (M_B⊙B_t)(M_A⊙A_t))`` for one module."""
     B_e, A_e = masked_factors(reference, mask)
     B_t, A_t = masked_factors(finetuned, mask)
-    return lowrank_cosine(B_e, A_e, B_t, A_t)
+    return _cosine(B_e, A_e, B_t, A_t)
