@@ -112,13 +112,28 @@ def resolve(
 def existing_card(repo_id: str, *, token: str | bool | None = None, revision: str | None = None) -> Any | None:
     """The `ModelCard` already in `repo_id` (None if the repo or its README does not exist yet)."""
     from huggingface_hub import ModelCard, hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         path = hf_hub_download(repo_id, "README.md", revision=revision, token=token)
     except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
         return None
+    except HfHubHTTPError as err:
+        raise _upload_error(repo_id, err) from None
     return ModelCard.load(Path(path))
+
+
+def _upload_error(repo_id: str, err: Exception) -> ValueError:
+    """A one-line error for a failed push; the request's token never appears in it."""
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if status in (401, 403):
+        return ValueError(f"The Hub refused the upload to {repo_id} ({status}): pass a valid write token.")
+    return ValueError(f"Uploading to {repo_id} failed ({status}); nothing was committed. {_one_line(err)}")
 
 
 def push_folder_with(
@@ -149,10 +164,7 @@ def push_folder_with(
                 commit_message=commit_message, commit_description=commit_description, repo_type="model",
             )
     except HfHubHTTPError as err:
-        status = getattr(getattr(err, "response", None), "status_code", None)
-        if status in (401, 403):
-            raise ValueError(f"The Hub refused the upload to {repo_id} ({status}): pass a valid write token.") from None
-        raise ValueError(f"Uploading to {repo_id} failed ({status}); nothing was committed. {_one_line(err)}") from None
+        raise _upload_error(repo_id, err) from None
     except RuntimeError as err:  # raised by upload_folder when a file transfer fails for good
         raise ValueError(f"Uploading to {repo_id} was interrupted; nothing was committed. {_one_line(err)}") from None
 

@@ -136,3 +136,31 @@ def test_browser_realign_shows_heatmap_and_answers(space, tmp_path):
             assert all(h.startswith("127.0.0.1") for h in hosts), sorted(set(hosts))
         finally:
             context.close()
+
+
+def test_push_from_the_space_uses_the_token_once_and_never_shows_it(space, tmp_path):
+    from gradio_client import Client
+
+    try:
+        from hub_server import HubServer, point_hf_client_at
+    except ImportError:
+        from tests.hub_server import HubServer, point_hf_client_at
+
+    app, url = space
+    token = "hf_space_secret_token"
+    server = HubServer(valid_tokens={token})
+    with server, point_hf_client_at(server.url):
+        client = Client(url, verbose=False)
+        client.predict(app.backend.TINY_DEMO, "", "", "", "low_rank", "fraction", 0.9, 0.8, 0.5, 0.25, 42,
+                       api_name="/realign")
+        with pytest.raises(Exception, match="refused the upload") as bad:
+            client.predict("user/space-out", "hf_wrong_token", True, api_name="/push")
+        assert "hf_wrong_token" not in str(bad.value)
+        message = client.predict("user/space-out", token, True, api_name="/push")
+        assert message.startswith("Pushed:") and token not in message
+        files = {"adapter_config.json", "adapter_model.safetensors", "nlsr_plan.json", "README.md"}
+        for name in files:
+            content = server.get_file("user/space-out", name)
+            assert token.encode() not in content
+    session_dirs = list(app.backend._WORK.rglob("*"))
+    assert all(token.encode() not in p.read_bytes() for p in session_dirs if p.is_file())
