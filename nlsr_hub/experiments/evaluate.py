@@ -25,6 +25,7 @@ class EvalSettings:
     hs_new_tokens: int = 40
     fa: Mapping[str, int | None] = None  # type: ignore[assignment]
     gsm8k_new_tokens: int = 160
+    label_new_tokens: int = 4  # SST-2 / AG News: the label is the first word of the answer
     batch_size: int = 32
 
     def to_dict(self) -> dict[str, Any]:
@@ -77,7 +78,7 @@ def evaluate_model(base: str | Path, adapter: str | Path | None, *, harmful: Map
     for task, examples in tasks.items():
         if not examples:
             continue
-        tokens = settings.gsm8k_new_tokens if task == "gsm8k" else None
+        tokens = settings.gsm8k_new_tokens if task == "gsm8k" else settings.label_new_tokens
         result = task_accuracy(model, tokenizer, task, list(examples), max_new_tokens=tokens,
                                batch_size=settings.batch_size, progress=progress)
         out["fa"][task], out["n"][task] = result.accuracy, len(examples)

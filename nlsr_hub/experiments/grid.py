@@ -58,6 +58,7 @@ class GridSettings:
     align_harmless: int = 250
     align_preferences: int = 250
     harmless_answer_tokens: int = 64
+    harmless_held_out: int = 30  # NQ questions kept out of training; the over-refusal set is drawn from them
     align: TrainSettings = field(default_factory=lambda: TrainSettings(lr=3e-4, epochs=2, max_length=192))
     preference: TrainSettings = field(default_factory=lambda: TrainSettings(lr=1e-4, epochs=1, max_length=256,
                                                                             beta=0.1))
@@ -80,6 +81,7 @@ class GridSettings:
     safelora_threshold: float = 0.6
     eval: EvalSettings = field(default_factory=lambda: EvalSettings(fa={"sst2": 100, "ag_news": 100, "gsm8k": 40}))
     evaluate_safelora: bool = True
+    evaluate_base: bool = True
     focus_only: bool = False  # attacks only at FOCUS (the demo)
     validate_judge: bool = True
     seed: int = 0
@@ -201,8 +203,9 @@ def run_grid(settings: GridSettings, *, out: str | Path, data: str | Path | None
     refusal_prompts = {r.prompt for r in refusals}
     questions = load_nq_questions(Path(harmless_source) if harmless_source else None)
     rng.shuffle(questions)
+    held_out = max(settings.harmless_held_out, settings.eval.harmless)
     eval_harmless = questions[: settings.eval.harmless]
-    train_questions = questions[settings.eval.harmless: settings.eval.harmless + settings.align_harmless]
+    train_questions = questions[held_out: held_out + settings.align_harmless]
     harmful_eval = load_harmful_eval(root, exclude=refusal_prompts, advbench=settings.eval.advbench,
                                      beavertails=settings.eval.beavertails)
     eval_prompts = {p.lower() for prompts in harmful_eval.values() for p in prompts}
@@ -289,7 +292,8 @@ def run_grid(settings: GridSettings, *, out: str | Path, data: str | Path | None
         rows.append(row)
         logger.info("%s: HS %.1f, FA %s", label, row["hs"], {k: v for k, v in result["fa"].items()})
 
-    evaluate({"method": "none", "model": "base"}, base, None, base_key, ["sst2"])
+    if settings.evaluate_base:
+        evaluate({"method": "none", "model": "base"}, base, None, base_key, ["sst2"])
 
     # ----- per alignment method: attack, calibrate, realign, evaluate
     info: dict[str, Any] = {"methods": {}}

@@ -7,15 +7,24 @@ from .evaluate import EvalSettings
 from .grid import GridSettings
 from .train import METHODS, TrainSettings
 
-QUICK = GridSettings(preset="quick", methods=("sft", "dpo"), align_preferences=100)
+QUICK = GridSettings(
+    preset="quick", methods=("sft",), align_preferences=100,
+    attack_n={"sst2": 400, "ag_news": 200, "gsm8k": 100},
+    ablations=(("fraction 0.2", {"selection": "fraction", "fraction": 0.2}),
+               ("threshold 0.5", {"selection": "threshold", "threshold": 0.5}), ("beta 0", {"beta": 0.0})),
+    eval=EvalSettings(advbench=40, beavertails=40, harmless=20, hs_new_tokens=32,
+                      fa={"sst2": 100, "ag_news": 60, "gsm8k": 30}),
+)
 
 DEMO = GridSettings(
-    preset="demo", focus_only=True, scorers=(), ablations=(), evaluate_safelora=False,
-    eval=EvalSettings(advbench=50, beavertails=50, harmless=30, fa={"sst2": 100}),
+    preset="demo", focus_only=True, scorers=(), ablations=(), evaluate_safelora=False, evaluate_base=False,
+    align_refusals=150, align_harmless=150, attack_n={"sst2": 200}, calibration_prompts=80,
+    eval=EvalSettings(advbench=30, beavertails=30, harmless=20, hs_new_tokens=32, fa={"sst2": 100}),
 )
 
 FULL = GridSettings(
     preset="full", methods=METHODS, align_refusals=1015, align_harmless=1000, align_preferences=2000,
+    harmless_held_out=100,
     align=TrainSettings(lr=2e-4, epochs=2, max_length=256, rank=128, alpha=256, batch_size=16),
     preference=TrainSettings(lr=5e-5, epochs=1, max_length=384, rank=128, alpha=256, batch_size=16, beta=0.1),
     attack=TrainSettings(lr=1e-4, epochs=1, max_length=256, rank=128, alpha=256, batch_size=8),
@@ -28,6 +37,7 @@ FULL = GridSettings(
 
 TINY = GridSettings(
     preset="tiny", model="tiny", align_refusals=8, align_harmless=8, align_preferences=8, harmless_answer_tokens=8,
+    harmless_held_out=4,
     align=TrainSettings(max_steps=1, batch_size=4, max_length=256, rank=4, alpha=8, bf16=False),
     preference=TrainSettings(max_steps=1, batch_size=4, max_length=256, rank=4, alpha=8, bf16=False),
     attack=TrainSettings(max_steps=1, batch_size=4, max_length=256, rank=4, alpha=8, bf16=False),
