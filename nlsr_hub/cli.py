@@ -287,10 +287,10 @@ def _cmd_patch(args: argparse.Namespace) -> int:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from .hub import push_saved_folder
+    from .hub import SavedFolder
 
-    _print_commit(push_saved_folder(args.folder, args.repo_id, revision=args.revision,
-                                    **_push_kwargs(args, "Upload with nlsr-hub")))
+    _print_commit(SavedFolder(args.folder).push_to_hub(args.repo_id, revision=args.revision,
+                                                       **_push_kwargs(args, "Upload with nlsr-hub")))
     return 0
 
 

@@ -203,36 +203,26 @@ class PushToHubMixin:
         )
 
 
-def push_saved_folder(
-    folder: str | Path,
-    repo_id: str,
-    *,
-    private: bool | None = None,
-    token: str | bool | None = None,
-    revision: str | None = None,
-    create_pr: bool = False,
-    commit_message: str = "Upload with nlsr-hub",
-) -> Any:
-    """Upload a folder written by nlsr-hub in one commit. Its model card is merged into the repo's existing
-    one (the user's text stays); nothing in `folder` is modified."""
-    import shutil
+@dataclass(frozen=True)
+class SavedFolder(PushToHubMixin):
+    """A folder written by nlsr-hub (`nlsr realign` or `nlsr patch`), pushed as is; its model card is merged
+    into the repo's existing one, so the user's text stays. Nothing in `path` is modified."""
 
-    from huggingface_hub import ModelCard
+    path: Path
 
-    from .card import merge_cards
+    def __post_init__(self) -> None:
+        if not self.path.is_dir() or not any(self.path.iterdir()):
+            raise ValueError(f"Nothing to push: {self.path} is not a folder with files; write it with `nlsr realign`.")
 
-    source = Path(folder)
-    if not source.is_dir() or not any(source.iterdir()):
-        raise ValueError(f"Nothing to push: {source} is not a folder with files; write it with `nlsr realign`.")
+    def _write_for_hub(self, folder: Path, repo_id: str, existing: Any | None) -> None:
+        import shutil
 
-    def write(target: Path) -> None:
-        shutil.copytree(source, target, dirs_exist_ok=True)
-        card_path = target / "README.md"
-        existing = existing_card(repo_id, token=token, revision=revision)
+        from huggingface_hub import ModelCard
+
+        from .card import merge_cards
+
+        shutil.copytree(self.path, folder, dirs_exist_ok=True)
+        card_path = folder / "README.md"
         if card_path.is_file() and existing is not None:
             merged = merge_cards(existing, ModelCard(card_path.read_text(encoding="utf-8")))
             card_path.write_text(str(merged), encoding="utf-8")
-
-    return push_folder_with(write, repo_id, private=private, token=token, revision=revision, create_pr=create_pr,
-                            commit_message=commit_message)
-
