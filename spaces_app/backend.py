@@ -131,7 +131,7 @@ def heatmap_figure(result: RealignmentResult) -> Any:
     blocks = sorted({m.block for m in plan.modules}, key=lambda b: (b is None, b or 0))
     types = sorted({m.module_type for m in plan.modules})
     grid = np.full((len(blocks), len(types)), np.nan)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(types), 1.0 + 0.35 * len(blocks)))
+    fig, ax = plt.subplots(figsize=(1.5 + 0.9 * len(types), max(3.0, 1.5 + 0.3 * len(blocks))))
     for module in plan.modules:
         r, c = blocks.index(module.block), types.index(module.module_type)
         grid[r, c] = module.similarity
