@@ -57,7 +57,7 @@ def main() -> None:
     def evaluate(adapter: Path) -> tuple[float, float]:
         model, tokenizer = load_eval_model(args.base, adapter)
         hs = harmful_score(model, tokenizer, prompts, max_new_tokens=32, batch_size=16, progress=False).score
-        fa = task_accuracy(model, tokenizer, "sst2", examples, batch_size=16, progress=False).accuracy
+        fa = task_accuracy(model, tokenizer, "sst2", examples, max_new_tokens=4, batch_size=16, progress=False).accuracy
         return hs, fa
 
     hs, fa = evaluate(args.finetuned)
