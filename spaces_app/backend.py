@@ -6,7 +6,6 @@ hold for the browser and for `gradio_client` calls.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -74,14 +73,20 @@ def tiny_demo_inputs() -> tuple[str, str, str]:
 
 
 def smollm_demo_inputs() -> tuple[str, str, str]:
-    """Base, aligned and fine-tuned folders of the SmolLM2 demo, read from the nlsr cache."""
-    root = Path(os.environ.get("NLSR_CACHE", Path.home() / ".cache" / "nlsr-hub")) / "space-demo"
-    paths = root / "paths.json"
-    if not paths.is_file():
+    """Base, aligned (SFT) and fine-tuned (SST-2, p = 0.05) folders of the SmolLM2 demo, from the nlsr cache
+    that ``python -m nlsr_hub.experiments demo`` fills (the most recent run wins)."""
+    root = Path(os.environ.get("NLSR_CACHE", Path.home() / ".cache" / "nlsr-hub"))
+    base = root / "SmolLM2-135M-Instruct"
+
+    def latest(pattern: str) -> Path | None:
+        found = [p for p in (root / "experiments").glob(pattern) if (p / "adapter_config.json").is_file()]
+        return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+    aligned, finetuned = latest("align-sft-*/adapter"), latest("attack-sft-sst2-p0.05-*/adapter")
+    if not (base / "config.json").is_file() or aligned is None or finetuned is None:
         raise SpaceError("The SmolLM2 demo is not prepared on this machine: run `python -m nlsr_hub.experiments "
                          "demo` once (it caches the model and adapters), or pick the tiny demo.")
-    data = json.loads(paths.read_text(encoding="utf-8"))
-    return data["base"], data["aligned"], data["finetuned"]
+    return str(base), str(aligned), str(finetuned)
 
 
 def resolve_inputs(source: str, base: str, aligned: str, finetuned: str) -> tuple[str, str, str]:

@@ -164,3 +164,18 @@ def test_push_from_the_space_uses_the_token_once_and_never_shows_it(space, tmp_p
             assert token.encode() not in content
     session_dirs = list(app.backend._WORK.rglob("*"))
     assert all(token.encode() not in p.read_bytes() for p in session_dirs if p.is_file())
+
+
+def test_smollm_demo_inputs_come_from_the_nlsr_cache(space, tmp_path, monkeypatch):
+    app, _ = space
+    monkeypatch.setenv("NLSR_CACHE", str(tmp_path))
+    with pytest.raises(app.backend.SpaceError, match="not prepared"):
+        app.backend.smollm_demo_inputs()
+    (tmp_path / "SmolLM2-135M-Instruct").mkdir()
+    (tmp_path / "SmolLM2-135M-Instruct" / "config.json").write_text("{}")
+    for stage in ("align-sft-aaa", "attack-sft-sst2-p0.05-bbb", "attack-sft-sst2-p0.1-ccc"):
+        (tmp_path / "experiments" / stage / "adapter").mkdir(parents=True)
+        (tmp_path / "experiments" / stage / "adapter" / "adapter_config.json").write_text("{}")
+    base, aligned, finetuned = app.backend.smollm_demo_inputs()
+    assert base.endswith("SmolLM2-135M-Instruct")
+    assert "align-sft-aaa" in aligned and "attack-sft-sst2-p0.05-bbb" in finetuned
