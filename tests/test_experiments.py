@@ -213,6 +213,8 @@ def test_grid_tiny_end_to_end_and_cached(fake_data, tmp_path):
         assert (tmp_path / "out" / name).is_file()
     assert "sst2 p=0.05" in (tmp_path / "out" / "results.md").read_text()
     assert all(0.0 <= r["hs"] <= 100.0 for r in results["rows"])
+    # the realignments used the grid's calibration set (6 prompts here), not the package's built-in one
+    assert {r.get("calibration_samples") for r in results["rows"] if r["model"].startswith("nlsr")} == {6}
     assert results["bar"]["sft"] is not None and "beats_safelora" in results["bar"]["sft"]
     # nothing under the output folder is a weight file
     assert not list((tmp_path / "out").rglob("*.safetensors"))

@@ -372,7 +372,7 @@ def _run_method(ctx: _Context, method: str, model_base: Path, aligned_dir: Path,
             continue
         config = NLSRConfig(**{"seed": settings.seed, **settings.nlsr, **overrides})
         rkey = {"aligned": aligned_key, "calibration": calib_key, "config": config.to_dict(),
-                "targets": [attacks[t][1] for t in targets]}
+                "targets": [attacks[t][1] for t in targets], "calibration_passed": 2}
 
         def realign(folder: Path, config: NLSRConfig = config, targets: list = targets) -> None:
             from ..patcher import NLSRPatcher
@@ -382,9 +382,16 @@ def _run_method(ctx: _Context, method: str, model_base: Path, aligned_dir: Path,
             patcher.safety_patch(calibration, progress=progress)
             summary: dict[str, Any] = {"safety_patch_seconds": round(time.perf_counter() - t0, 1), "targets": {}}
             for task, p in targets:
-                result = patcher.realign(finetuned=load_adapter(attacks[(task, p)][0]), progress=progress)
+                # the calibration is passed on every call: the patcher caches the safety patch per calibration
+                # data, so this reuses the patch computed above (None would mean the built-in set)
+                result = patcher.realign(calibration, finetuned=load_adapter(attacks[(task, p)][0]),
+                                         progress=progress)
+                if result.plan.calibration.get("sha256") != summary.setdefault("calibration_sha256", result.plan
+                                                                                  .calibration.get("sha256")):
+                    raise RuntimeError("realignments of one stage used different calibration data")
                 result.save_pretrained(folder / f"{task}-p{p:g}")
-                summary["targets"][f"{task}-p{p:g}"] = result.plan.summary()
+                summary["targets"][f"{task}-p{p:g}"] = {**result.plan.summary(),
+                                                        "calibration_samples": result.plan.calibration.get("samples")}
             _dump(folder / "summary.json", summary)
 
         rdir = stages.run(f"realign-{method}-{_slug(name)}", rkey, realign)
@@ -393,7 +400,8 @@ def _run_method(ctx: _Context, method: str, model_base: Path, aligned_dir: Path,
             plan = summary["targets"][f"{task}-p{p:g}"]
             ctx.evaluate({"method": method, "task": task, "p": p, "model": name,
                           "patched": f"{plan['modules_patched']}/{plan['modules_total']}",
-                          "scoring_seconds": summary["safety_patch_seconds"]},
+                          "scoring_seconds": summary["safety_patch_seconds"],
+                          "calibration_samples": plan.get("calibration_samples")},
                          model_base, rdir / f"{task}-p{p:g}", {"realign": rkey, "target": [task, p]}, [task])
 
     if settings.evaluate_safelora:
