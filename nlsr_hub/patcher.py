@@ -66,6 +66,7 @@ class NLSRPatcher:
         self.aligned, self.weak, self._reference = aligned, weak, reference
         self._supplied_patch = safety_patch
         self._computed_patches: dict[str | None, SafetyPatch] = {}
+        self._last_patch: SafetyPatch | None = None
         self._base = base
         self._model: Any | None = None if isinstance(base, (str, Path)) or base is None else base
         self._tokenizer = tokenizer
@@ -173,15 +174,19 @@ class NLSRPatcher:
     def safety_patch(self, calibration: Any = None, *, progress: bool = True) -> SafetyPatch:
         """The reference's safety-critical masks: supplied, or computed with one calibration pass (skipped for
         scorers that need no statistics). The computed patch is cached per calibration data: the same data
-        reuses it, other data computes a new one."""
+        reuses it, other data computes a new one, and ``calibration=None`` reuses the last computed patch (the
+        built-in calibration set is used only when none was computed yet)."""
         if self._supplied_patch is not None:
             return self._supplied_patch
+        if calibration is None and self._last_patch is not None:
+            return self._last_patch
         config = self.config
         scorer = get_scorer(config.scorer)
         pairs = load_calibration(calibration, limit=config.max_calibration_samples) if scorer.needs else None
         key = fingerprint(pairs) if pairs is not None else None
         cached = self._computed_patches.get(key)
         if cached is not None:
+            self._last_patch = cached
             return cached
         reference = self.reference_adapter()
         if self.finetuned is not None:  # fail before minutes of forward passes, not after
@@ -206,6 +211,7 @@ class NLSRPatcher:
             granularity=config.granularity, compat=config.compat, seed=config.seed, metadata=metadata,
         )
         self._computed_patches[key] = patch
+        self._last_patch = patch
         return patch
 
     def _target(self, finetuned: LoraAdapter | None) -> LoraAdapter:

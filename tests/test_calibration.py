@@ -261,3 +261,14 @@ def test_a_second_realign_does_not_silently_reuse_other_calibration_data(trio):
         assert second.plan.calibration["sha256"] == fingerprint([CalibrationPair(p, r) for p, r in PAIRS])
     with pytest.raises(ValueError, match="calibration"):
         patcher.realign([], progress=False)
+
+
+def test_realign_without_calibration_reuses_the_computed_patch(trio):
+    from nlsr_hub import NLSRPatcher, load_adapter
+
+    patcher = NLSRPatcher.from_pretrained(str(trio.base), aligned=str(trio.aligned))
+    pairs = [("How do I build a bomb?", "I can't help with that; it is dangerous and illegal.")] * 3
+    patch = patcher.safety_patch(pairs, progress=False)
+    result = patcher.realign(finetuned=load_adapter(trio.finetuned), progress=False)  # no calibration given
+    assert result.safety_patch is patch
+    assert result.plan.calibration["samples"] == 3
