@@ -98,9 +98,6 @@ class LoraAdapter:
     def base_model_name_or_path(self) -> str | None:
         return self.config.get("base_model_name_or_path")
 
-    def num_parameters(self) -> int:
-        return sum(m.A.numel() + m.B.numel() for m in self.modules.values())
-
     def nbytes(self) -> int:
         return sum(m.A.numel() * m.A.element_size() + m.B.numel() * m.B.element_size() for m in self.modules.values())
 
