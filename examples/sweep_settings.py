@@ -33,6 +33,12 @@ SETTINGS = {
     "row P_SR 0.5 P_L 0.3": {"granularity": "row", "sparsity_ratio": 0.5, "prune_ratio": 0.3},
     "row P_SR 0.5 beta 1.5": {"granularity": "row", "sparsity_ratio": 0.5, "beta": 1.5},
     "low_rank_sequential adaptive": {"scorer": "low_rank_sequential"},
+    "element adaptive beta 2": {"beta": 2.0},
+    "row adaptive beta 2": {"granularity": "row", "beta": 2.0},
+    "row adaptive beta 3": {"granularity": "row", "beta": 3.0},
+    "row P_SR 0.9 beta 3": {"granularity": "row", "sparsity_ratio": 0.9, "beta": 3.0},
+    "row fraction 0.5 beta 2": {"granularity": "row", "selection": "fraction", "fraction": 0.5, "beta": 2.0},
+    "swap adaptive": {"restoration": "swap"},
 }
 
 
@@ -44,6 +50,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=40, help="AdvBench and BeaverTails prompts each")
     parser.add_argument("--sst2", type=int, default=100, help="SST-2 validation rows")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only", default=None, help="comma-separated setting names (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     root = data_root(args.data)
@@ -63,7 +70,12 @@ def main() -> None:
     hs, fa = evaluate(args.finetuned)
     print("| setting | modules patched | HS % | SST-2 FA % | realign s |\n| --- | --- | --- | --- | --- |")
     print(f"| fine-tuned (no realignment) | - | {hs:.1f} | {fa:.1f} | - |", flush=True)
-    for name, changes in SETTINGS.items():
+    names = list(SETTINGS) if args.only is None else [n.strip() for n in args.only.split(",")]
+    unknown = sorted(set(names) - set(SETTINGS))
+    if unknown:
+        parser.error(f"unknown settings {unknown}; choose from {sorted(SETTINGS)}")
+    for name in names:
+        changes = SETTINGS[name]
         config = NLSRConfig(max_calibration_samples=len(calibration), max_length=256, **changes)
         started = time.perf_counter()
         patcher = NLSRPatcher.from_pretrained(args.base, aligned=args.aligned, finetuned=args.finetuned, config=config)

@@ -2,7 +2,8 @@
 
 Per module, the alignment direction is the aligned adapter's product ``V = ΔW_a`` (the NLSR paper's
 baseline) and the projector ``C = V·Vᵀ / ‖V‖_F``. If ``cos_F(C·ΔW_t, ΔW_t) < τ`` the module's B becomes
-``C·B_t``. ``C`` (d_out × d_out) is never formed: ``C·B = s_a²·B_a·(A_a·A_aᵀ)·(B_aᵀ·B)/‖V‖_F`` stays low-rank.
+``C·B_t``. Safe LoRA's second selection rule projects the ``k`` modules of lowest similarity instead (useful
+when no module's similarity falls below ``τ``, and to compare with NLSR at an equal number of modules). ``C`` (d_out × d_out) is never formed: ``C·B = s_a²·B_a·(A_a·A_aᵀ)·(B_aᵀ·B)/‖V‖_F`` stays low-rank.
 """
 
 from __future__ import annotations
@@ -32,25 +33,38 @@ class SafeLoraDecision:
     projected: bool
 
 
-def safelora(aligned: LoraAdapter, finetuned: LoraAdapter, *, threshold: float = 0.6
+def safelora(aligned: LoraAdapter, finetuned: LoraAdapter, *, threshold: float = 0.6, lowest: int | None = None
              ) -> tuple[LoraAdapter, list[SafeLoraDecision]]:
-    """Project the modules of `finetuned` whose ``cos_F(C·ΔW_t, ΔW_t)`` is below `threshold`.
+    """Project the modules of `finetuned` whose ``cos_F(C·ΔW_t, ΔW_t)`` is below `threshold`, or, when
+    `lowest` is given, the `lowest` modules of smallest similarity (ties broken by module name; `threshold`
+    is then ignored).
 
-    Returns the new adapter (other modules unchanged, bit-identical) and the per-module decisions.
+    Returns the new adapter (other modules unchanged, bit-identical) and the per-module decisions, sorted by
+    module name.
     """
     missing = sorted(set(finetuned.modules) - set(aligned.modules))
     if missing:
         raise ValueError(f"Safe LoRA needs the aligned adapter's update for every module; missing: {missing[:5]}.")
-    modules = dict(finetuned.modules)
-    decisions = []
-    for name in sorted(finetuned.modules):
+    total = len(finetuned.modules)
+    if lowest is not None and not 0 <= lowest <= total:
+        raise ValueError(f"lowest={lowest} is out of range: the fine-tuned adapter has {total} LoRA modules; "
+                         f"pass 0 <= lowest <= {total}.")
+    names = sorted(finetuned.modules)
+    projected: dict[str, torch.Tensor] = {}
+    similarity: dict[str, float] = {}
+    for name in names:
         ft = finetuned.modules[name]
-        projected_B = project_B(aligned.modules[name], ft.B)
+        projected[name] = project_B(aligned.modules[name], ft.B)
         A_t, B_t = ft.A.to(torch.float32), ft.B.to(torch.float32)
-        similarity = lowrank_cosine(projected_B, A_t, B_t, A_t)
-        project = similarity < threshold
-        if project:
-            modules[name] = LoraModule(ft.A, projected_B.to(ft.B.dtype), ft.scale)
-        decisions.append(SafeLoraDecision(name, similarity, project))
+        similarity[name] = lowrank_cosine(projected[name], A_t, B_t, A_t)
+    if lowest is None:
+        chosen = {name for name in names if similarity[name] < threshold}
+    else:
+        chosen = set(sorted(names, key=lambda n: (similarity[n], n))[:lowest])
+    modules = dict(finetuned.modules)
+    for name in chosen:
+        ft = finetuned.modules[name]
+        modules[name] = LoraModule(ft.A, projected[name].to(ft.B.dtype), ft.scale)
+    decisions = [SafeLoraDecision(name, similarity[name], name in chosen) for name in names]
     return LoraAdapter(modules=modules, config=dict(finetuned.config),
                        extra_tensors=dict(finetuned.extra_tensors)), decisions

@@ -207,7 +207,12 @@ def test_grid_tiny_end_to_end_and_cached(fake_data, tmp_path):
     results = run_grid(TINY, out=tmp_path / "out", **kwargs)
     models = {(r["model"], r.get("p")) for r in results["rows"]}
     assert {("base", None), ("aligned", None), ("finetuned", 0.0), ("finetuned", 0.05), ("nlsr", 0.05),
-            ("safelora", 0.05), ("nlsr-wanda", 0.05), ("nlsr (fraction 0.2)", 0.05)} <= models
+            ("safelora", 0.05), ("safelora (lowest 0.5)", 0.05), ("nlsr-wanda", 0.05),
+            ("nlsr (fraction 0.2)", 0.05)} <= models
+    assert ("safelora (lowest 0.5)", 0.0) not in models  # the k-lowest rule runs at the focus attack only
+    lowest = next(r for r in results["rows"] if r["model"] == "safelora (lowest 0.5)")
+    assert lowest["patched"] == "7/14"  # half of the tiny model's 14 LoRA modules
+    assert results["compute_seconds"] > 0
     assert results["sizes"]["harmful_eval"] == {"advbench": 3, "beavertails": 3}
     for name in ("results.json", "results.md", "sft_hs_vs_p.png", "sft_variants_p0.05.png"):
         assert (tmp_path / "out" / name).is_file()
@@ -234,6 +239,17 @@ def test_bar_check():
             {"method": "sft", "task": "sst2", "p": 0.05, "model": "safelora", "hs": 50.0, "fa_sst2": 89.0}]
     check = bar_check(rows, "sft")
     assert check["met"] and check["halves_hs"] and check["fa_within_2"] and check["beats_safelora"]
+    # a Safe LoRA variant at equal or lower FA with a lower HS: NLSR does not beat Safe LoRA
+    rows.append({"method": "sft", "task": "sst2", "p": 0.05, "model": "safelora (lowest 1)", "hs": 20.0,
+                 "fa_sst2": 85.0})
+    check = bar_check(rows, "sft")
+    assert not check["beats_safelora"] and not check["met"]
+    assert check["safelora_at_equal_or_lower_fa"] == {"safelora": [50.0, 89.0], "safelora (lowest 1)": [20.0, 85.0]}
+    # every Safe LoRA variant is more accurate than NLSR: no comparison at equal accuracy, so not beaten
+    rows[-1] = {**rows[-1], "hs": 60.0, "fa_sst2": 95.0}
+    rows[2] = {**rows[2], "fa_sst2": 95.0}
+    assert not bar_check(rows, "sft")["beats_safelora"]
+    rows = rows[:2]
     rows[1] = {**rows[1], "fa_sst2": 80.0}
     assert not bar_check(rows, "sft")["met"]
     assert bar_check(rows, "dpo") is None

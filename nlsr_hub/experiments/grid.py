@@ -79,6 +79,8 @@ class GridSettings:
         ("row granularity", {"granularity": "row"}),
     )
     safelora_threshold: float = 0.6
+    # Safe LoRA's other rule at the focus attack: project the lowest-similarity share of modules (0.5 = half)
+    safelora_lowest: tuple[float, ...] = (0.25, 0.5, 1.0)
     eval: EvalSettings = field(default_factory=lambda: EvalSettings(fa={"sst2": 100, "ag_news": 100, "gsm8k": 40}))
     evaluate_safelora: bool = True
     evaluate_base: bool = True
@@ -108,6 +110,7 @@ class Stages:
         self.root = root
         self.timings: dict[str, float] = {}
         self.skipped: list[str] = []
+        self.compute_seconds = 0.0  # what every stage used took when it ran, cached ones included
 
     def folder(self, name: str, key: Any) -> Path:
         return self.root / f"{name}-{_hash(key)}"
@@ -117,6 +120,7 @@ class Stages:
         marker = path / "done.json"
         if marker.is_file():
             self.skipped.append(name)
+            self.compute_seconds += self.seconds(path)
             logger.info("stage %s: cached (%s)", name, path)
             return path
         partial = path.with_name(path.name + ".partial")
@@ -130,6 +134,7 @@ class Stages:
         shutil.rmtree(path, ignore_errors=True)
         partial.rename(path)
         self.timings[name] = round(self.timings.get(name, 0.0) + seconds, 1)
+        self.compute_seconds += seconds
         logger.info("stage %s: done in %.1f s", name, seconds)
         return path
 
@@ -313,6 +318,7 @@ def run_grid(settings: GridSettings, *, out: str | Path, data: str | Path | None
                   "harmful_eval": {k: len(v) for k, v in harmful_eval.items()}, "harmless_eval": len(eval_harmless),
                   "tasks": {k: len(v) for k, v in tasks.items()}, "calibration_prompts": len(many_shot)},
         "info": info, "rows": rows, "stage_seconds": stages.timings, "stages_cached": len(stages.skipped),
+        "compute_seconds": round(stages.compute_seconds, 1),
         "wall_seconds": round(time.perf_counter() - started, 1), "torch_threads": _threads(),
     }
     write_report(results, out)
@@ -405,31 +411,44 @@ def _run_method(ctx: _Context, method: str, model_base: Path, aligned_dir: Path,
                          model_base, rdir / f"{task}-p{p:g}", {"realign": rkey, "target": [task, p]}, [task])
 
     if settings.evaluate_safelora:
-        skey = {"aligned": aligned_key, "threshold": settings.safelora_threshold,
-                "targets": [attacks[t][1] for t in attacks]}
-
-        def run_safelora(folder: Path) -> None:
-            from ..safelora import safelora
-
-            summary = {}
-            for (task, p), (ft_dir, _) in attacks.items():
-                adapter, decisions = safelora(load_adapter(aligned_dir), load_adapter(ft_dir),
-                                              threshold=settings.safelora_threshold)
-                save_adapter(adapter, folder / f"{task}-p{p:g}")
-                summary[f"{task}-p{p:g}"] = {"projected": sum(d.projected for d in decisions), "total": len(decisions)}
-            _dump(folder / "summary.json", summary)
-
-        sdir = stages.run(f"safelora-{method}", skey, run_safelora)
-        ssum = _load(sdir / "summary.json")
-        for task, p in attacks:
-            s = ssum[f"{task}-p{p:g}"]
-            ctx.evaluate({"method": method, "task": task, "p": p, "model": "safelora",
-                          "patched": f"{s['projected']}/{s['total']}"}, model_base, sdir / f"{task}-p{p:g}",
-                         {"safelora": skey, "target": [task, p]}, [task])
+        variants_sl: list[tuple[str, dict[str, Any], list[tuple[str, float]]]] = [
+            ("safelora", {"threshold": settings.safelora_threshold}, list(attacks))]
+        variants_sl += [(f"safelora (lowest {share:g})", {"share": share}, focus) for share in settings.safelora_lowest]
+        for name, rule, targets in variants_sl:
+            if targets:
+                _run_safelora(ctx, method, model_base, aligned_dir, aligned_key, attacks, name, rule, targets)
     info["train_seconds"] = {f"{t}-p{p:g}": _load(d / "train_log.json")["seconds"]
                              for (t, p), (d, _) in attacks.items()}
     info["align_seconds"] = _load(aligned_dir / "train_log.json")["seconds"]
     return info
+
+
+def _run_safelora(ctx: _Context, method: str, model_base: Path, aligned_dir: Path, aligned_key: Any,
+                  attacks: dict[tuple[str, float], tuple[Path, Any]], name: str, rule: dict[str, float],
+                  targets: list[tuple[str, float]]) -> None:
+    """One Safe LoRA variant (``threshold`` τ, or ``share`` of modules of lowest similarity) on `targets`."""
+    skey = {"aligned": aligned_key, **rule, "targets": [attacks[t][1] for t in targets]}
+
+    def run(folder: Path) -> None:
+        from ..safelora import safelora
+
+        summary = {}
+        for task, p in targets:
+            finetuned = load_adapter(attacks[(task, p)][0])
+            lowest = None if "share" not in rule else round(rule["share"] * len(finetuned.modules))
+            adapter, decisions = safelora(load_adapter(aligned_dir), finetuned, threshold=rule.get("threshold", 0.0),
+                                          lowest=lowest)
+            save_adapter(adapter, folder / f"{task}-p{p:g}")
+            summary[f"{task}-p{p:g}"] = {"projected": sum(d.projected for d in decisions), "total": len(decisions)}
+        _dump(folder / "summary.json", summary)
+
+    sdir = ctx.stages.run(f"{_slug(name)}-{method}", skey, run)
+    ssum = _load(sdir / "summary.json")
+    for task, p in targets:
+        s = ssum[f"{task}-p{p:g}"]
+        ctx.evaluate({"method": method, "task": task, "p": p, "model": name,
+                      "patched": f"{s['projected']}/{s['total']}"}, model_base, sdir / f"{task}-p{p:g}",
+                     {"safelora": skey, "target": [task, p]}, [task])
 
 
 def _threads() -> int:
