@@ -3,7 +3,8 @@
 Per module, the alignment direction is the aligned adapter's product ``V = ΔW_a`` (the NLSR paper's
 baseline) and the projector ``C = V·Vᵀ / ‖V‖_F``. If ``cos_F(C·ΔW_t, ΔW_t) < τ`` the module's B becomes
 ``C·B_t``. Safe LoRA's second selection rule projects the ``k`` modules of lowest similarity instead (useful
-when no module's similarity falls below ``τ``, and to compare with NLSR at an equal number of modules). ``C`` (d_out × d_out) is never formed: ``C·B = s_a²·B_a·(A_a·A_aᵀ)·(B_aᵀ·B)/‖V‖_F`` stays low-rank.
+when no module's similarity falls below ``τ``, and to compare with NLSR at an equal number of modules).
+``C`` (d_out × d_out) is never formed: ``C·B = s_a²·B_a·(A_a·A_aᵀ)·(B_aᵀ·B)/‖V‖_F`` stays low-rank.
 """
 
 from __future__ import annotations

@@ -76,5 +76,5 @@ def test_bad_input_is_named():
     finetuned = _adapter(1, NAMES)
     with pytest.raises(ValueError, match="missing"):
         safelora(aligned, finetuned)
-    with pytest.raises(ValueError, match="lowest=7 is out of range.*6 LoRA modules"):
+    with pytest.raises(ValueError, match=r"lowest=7 is out of range.*6 LoRA modules"):
         safelora(_adapter(0, NAMES), finetuned, lowest=7)

@@ -44,7 +44,8 @@ TINY = GridSettings(
     attack_max_length={"sst2": 512}, attack_n={"sst2": 8, "ag_news": 8, "gsm8k": 8}, sst2_ps=(0.0, 0.05),
     other_tasks=(),
     calibration_prompts=6, calibration_tokens=8, nlsr={"max_calibration_samples": 8, "max_length": 64},
-    scorers=("wanda",), ablations=(("fraction 0.2", {"selection": "fraction", "fraction": 0.2}),), safelora_lowest=(0.5,),
+    scorers=("wanda",), ablations=(("fraction 0.2", {"selection": "fraction", "fraction": 0.2}),),
+    safelora_lowest=(0.5,),
     eval=EvalSettings(advbench=3, beavertails=3, harmless=2, hs_new_tokens=4, fa={"sst2": 3}, batch_size=4),
     validate_judge=False,
 )
