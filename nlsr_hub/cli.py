@@ -28,7 +28,8 @@ EXAMPLES = """examples:
   nlsr realign --safety-patch org/safety-patch --finetuned user/a user/b ./c --output out/
   nlsr reference --aligned org/aligned-lora --beta 0.9 --output reference/
   nlsr push out/ user/task-lora-nlsr --create-pr
-  nlsr demo --output demo_out/
+  nlsr demo                        # SmolLM2: align, attack, realign; HS and accuracy before/after
+  nlsr demo --tiny --output demo_out/   # offline: a tiny random model, in seconds
 """
 
 
@@ -187,8 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default=None, help="Device, e.g. cuda (default cpu).")
     _add_hub_arguments(evaluate)
 
-    demo = command("demo", "Build the tiny offline example trio and realign it.", _cmd_demo)
-    demo.add_argument("--output", type=Path, default=Path("demo_out"), help="Folder for the example and its result.")
+    demo = command("demo", "The real demo: SmolLM2-135M-Instruct safety-aligned, attacked (SST-2, 5 % harmful rows) "
+                   "and realigned with NLSR; prints harmful score and accuracy before and after (needs the "
+                   "benchmark data; --tiny: the offline tiny example instead).", _cmd_demo)
+    demo.add_argument("--output", type=Path, default=Path("demo_out"), help="Folder for the results (and, with "
+                      "--tiny, the example trio).")
+    demo.add_argument("--tiny", action="store_true", help="Build a tiny random example trio offline and realign it "
+                      "(seconds; no data, no model download).")
+    demo.add_argument("--data", type=Path, help="Benchmark data folder (default $NLSR_DATA or ../shared/data).")
+    demo.add_argument("--cache", type=Path, help="Model and stage cache (default $NLSR_CACHE or ~/.cache/nlsr-hub).")
+    demo.add_argument("--threads", type=int, default=0, help="torch CPU threads (default $NLSR_THREADS, else "
+                      "torch's choice; use 1 when another process shares the cores).")
+    demo.add_argument("--no-progress", action="store_true", help="No progress bars.")
     return parser
 
 
@@ -328,6 +339,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if not args.tiny:
+        try:
+            import trl  # noqa: F401  (fails early without the `train` extra)
+
+            from .experiments.__main__ import main as experiments_main
+        except ImportError as err:
+            raise ImportError(f"the SmolLM2 demo needs the `train` extra ({err}); run `pip install "
+                              "'nlsr-hub[train]'`, or `nlsr demo --tiny` for the offline example") from err
+        argv = ["demo", "--out", str(args.output)] + (["--threads", str(args.threads)] if args.threads > 0 else [])
+        argv += [f"--{name}={value}" for name in ("data", "cache") if (value := getattr(args, name)) is not None]
+        return experiments_main(argv + (["--no-progress"] if args.no_progress else []))
+
     from .demo import build_trio
     from .patcher import NLSRPatcher
 
@@ -351,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("nlsr: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, FileNotFoundError, OSError) as err:
+    except (ValueError, TypeError, FileNotFoundError, OSError, ImportError) as err:
         if args.debug:
             raise
         print(f"nlsr {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)

@@ -253,3 +253,25 @@ def test_bar_check():
     rows[1] = {**rows[1], "fa_sst2": 80.0}
     assert not bar_check(rows, "sft")["met"]
     assert bar_check(rows, "dpo") is None
+
+
+def test_cli_demo_tiny_runs_offline(tmp_path, capsys):
+    from nlsr_hub.cli import main
+
+    assert main(["demo", "--tiny", "--output", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "damaged modules patched: 3/3" in out
+    assert (tmp_path / "demo" / "realigned" / "adapter_model.safetensors").is_file()
+
+
+def test_cli_demo_without_data_fails_before_downloading_anything(tmp_path, capsys):
+    from nlsr_hub.cli import main
+
+    (tmp_path / "data").mkdir()
+    code = main(["demo", "--data", str(tmp_path / "data"), "--cache", str(tmp_path / "cache"),
+                 "--output", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "benchmark data missing" in err and "train_merged_n1000_p0.05.json" in err and "--data" in err
+    assert "ag_news" not in err  # the demo needs SST-2 only
+    assert not (tmp_path / "cache").exists()  # the model was not fetched

@@ -30,6 +30,7 @@ from .data import (
     DataMissing,
     data_root,
     eval_path,
+    finetune_path,
     load_finetune_mix,
     load_harmful_eval,
     load_nq_questions,
@@ -200,10 +201,17 @@ def run_grid(settings: GridSettings, *, out: str | Path, data: str | Path | None
     stages = Stages(cache_dir / "experiments")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    base, base_key = _model(settings, stages, cache_dir)
     rng = random.Random(settings.seed)
 
-    # ----- data
+    # ----- data (every file is checked before the model is fetched or anything is trained)
+    attacks = {(t, p) for m in settings.methods for t, p in settings.attacks(m)}
+    needed = [finetune_path(root, t, p) for t, p in sorted(attacks)]
+    needed += [eval_path(root, t) for t in sorted({"sst2", *settings.other_tasks})]
+    if any(m in PREFERENCE_METHODS for m in settings.methods):
+        needed.append(root / "alignment" / "pku_saferlhf_dpo_5k.json")
+    missing = [str(path) for path in needed if not path.is_file()]
+    if missing:
+        raise DataMissing(f"{', '.join(missing)} missing; set `--data` / $NLSR_DATA to the benchmark data folder.")
     refusals = load_refusals(root)
     refusal_prompts = {r.prompt for r in refusals}
     questions = load_nq_questions(Path(harmless_source) if harmless_source else None)
@@ -218,6 +226,8 @@ def run_grid(settings: GridSettings, *, out: str | Path, data: str | Path | None
                  if r["user"].strip().lower() not in eval_prompts and r["user"].strip() not in refusal_prompts]
     random.Random(settings.seed + 1).shuffle(many_shot)
     many_shot = many_shot[: settings.calibration_prompts]
+
+    base, base_key = _model(settings, stages, cache_dir)
 
     # ----- harmless answers by the base model itself (so alignment keeps answering ordinary questions)
     harmless_key = {"base": base_key, "questions": _hash(train_questions), "tokens": settings.harmless_answer_tokens}
