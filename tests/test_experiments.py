@@ -213,6 +213,13 @@ def test_grid_tiny_end_to_end_and_cached(fake_data, tmp_path):
     lowest = next(r for r in results["rows"] if r["model"] == "safelora (lowest 0.5)")
     assert lowest["patched"] == "7/14"  # half of the tiny model's 14 LoRA modules
     assert results["compute_seconds"] > 0
+    # a realignment that changed no module is the fine-tuned adapter: it reuses that adapter's evaluation
+    finetuned_eval = {(r["task"], r["p"]): r["eval_dir"] for r in results["rows"] if r["model"] == "finetuned"}
+    for row in results["rows"]:
+        if str(row.get("patched", "")).startswith("0/"):
+            assert row["eval_dir"] == finetuned_eval[(row["task"], row["p"])]
+        elif row.get("patched"):
+            assert row["eval_dir"] != finetuned_eval[(row["task"], row["p"])]
     assert results["sizes"]["harmful_eval"] == {"advbench": 3, "beavertails": 3}
     for name in ("results.json", "results.md", "sft_hs_vs_p.png", "sft_variants_p0.05.png"):
         assert (tmp_path / "out" / name).is_file()
@@ -228,7 +235,7 @@ def test_grid_tiny_end_to_end_and_cached(fake_data, tmp_path):
     assert again["stage_seconds"] == {}  # every stage came from the cache
     assert again["rows"] == results["rows"]
 
-    changed = dataclasses.replace(TINY, safelora_threshold=0.9)
+    changed = dataclasses.replace(TINY, safelora_threshold=1.01)  # every cosine is below 1.01: all projected
     third = run_grid(changed, out=tmp_path / "out3", **kwargs)
     assert set(third["stage_seconds"]) == {"safelora-sft", "eval"}  # only Safe LoRA and its evaluations rerun
 

@@ -414,11 +414,12 @@ def _run_method(ctx: _Context, method: str, model_base: Path, aligned_dir: Path,
         summary = _load(rdir / "summary.json")
         for task, p in targets:
             plan = summary["targets"][f"{task}-p{p:g}"]
+            adapter, key = _unless_unchanged(plan["modules_patched"], (rdir / f"{task}-p{p:g}", {
+                "realign": rkey, "target": [task, p]}), attacks[(task, p)])
             ctx.evaluate({"method": method, "task": task, "p": p, "model": name,
                           "patched": f"{plan['modules_patched']}/{plan['modules_total']}",
                           "scoring_seconds": summary["safety_patch_seconds"],
-                          "calibration_samples": plan.get("calibration_samples")},
-                         model_base, rdir / f"{task}-p{p:g}", {"realign": rkey, "target": [task, p]}, [task])
+                          "calibration_samples": plan.get("calibration_samples")}, model_base, adapter, key, [task])
 
     if settings.evaluate_safelora:
         variants_sl: list[tuple[str, dict[str, Any], list[tuple[str, float]]]] = [
@@ -431,6 +432,12 @@ def _run_method(ctx: _Context, method: str, model_base: Path, aligned_dir: Path,
                              for (t, p), (d, _) in attacks.items()}
     info["align_seconds"] = _load(aligned_dir / "train_log.json")["seconds"]
     return info
+
+
+def _unless_unchanged(changed: int, new: tuple[Path, Any], finetuned: tuple[Path, Any]) -> tuple[Path, Any]:
+    """The (adapter, key) to evaluate: a realignment that changed no module is bit-identical to the fine-tuned
+    adapter (every untouched module is copied), so it shares the fine-tuned adapter's cached evaluation."""
+    return finetuned if changed == 0 else new
 
 
 def _run_safelora(ctx: _Context, method: str, model_base: Path, aligned_dir: Path, aligned_key: Any,
@@ -456,9 +463,10 @@ def _run_safelora(ctx: _Context, method: str, model_base: Path, aligned_dir: Pat
     ssum = _load(sdir / "summary.json")
     for task, p in targets:
         s = ssum[f"{task}-p{p:g}"]
+        adapter, key = _unless_unchanged(s["projected"], (sdir / f"{task}-p{p:g}", {
+            "safelora": skey, "target": [task, p]}), attacks[(task, p)])
         ctx.evaluate({"method": method, "task": task, "p": p, "model": name,
-                      "patched": f"{s['projected']}/{s['total']}"}, model_base, sdir / f"{task}-p{p:g}",
-                     {"safelora": skey, "target": [task, p]}, [task])
+                      "patched": f"{s['projected']}/{s['total']}"}, model_base, adapter, key, [task])
 
 
 def _threads() -> int:
