@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     try:
-        results = run_grid(settings, out=out, data=args.data, cache=args.cache, progress=not args.no_progress)
+        command = "python -m nlsr_hub.experiments " + " ".join(argv if argv is not None else sys.argv[1:])
+        results = run_grid(settings, out=out, data=args.data, cache=args.cache, progress=not args.no_progress,
+                           command=command)
     except DataMissing as err:
         print(f"nlsr experiments: benchmark data missing: {err}", file=sys.stderr)
         return 2

