@@ -26,6 +26,7 @@ from ..adapters import load_adapter, save_adapter
 from ..config import NLSRConfig
 from ..evaluation.tasks import load_task_examples
 from ..io import atomic_write_text
+from ..reference import build_reference
 from .calibration import reference_calibration
 from .data import (
     PYRIT,
@@ -86,6 +87,7 @@ class GridSettings:
     safelora_lowest: tuple[float, ...] = (0.25, 0.5, 1.0)
     eval: EvalSettings = field(default_factory=lambda: EvalSettings(fa={"sst2": 100, "ag_news": 100, "gsm8k": 40}))
     evaluate_safelora: bool = True
+    evaluate_reference: bool = True
     evaluate_base: bool = True
     focus_only: bool = False  # attacks only at FOCUS (the demo)
     validate_judge: bool = True
@@ -355,6 +357,13 @@ def _run_method(ctx: _Context, method: str, model_base: Path, aligned_dir: Path,
     """Attacks resumed from one aligned adapter, its calibration set, every realignment, and their evaluations."""
     settings, stages, progress, many_shot = ctx.settings, ctx.stages, ctx.progress, ctx.many_shot
     ctx.evaluate({"method": method, "model": "aligned"}, model_base, aligned_dir, aligned_key, ["sst2"])
+    if settings.evaluate_reference:  # the safety reference NLSR transplants from: the ceiling of its restoration
+        beta = float(settings.nlsr.get("beta", NLSRConfig().beta))
+        ref_key = {"aligned": aligned_key, "beta": beta}
+        ref_dir = stages.run(f"reference-{method}", ref_key, lambda d: save_adapter(
+            build_reference(load_adapter(aligned_dir), beta=beta), d / "adapter"))
+        ctx.evaluate({"method": method, "model": "reference", "beta": beta}, model_base, ref_dir / "adapter", ref_key,
+                     ["sst2"])
     attacks: dict[tuple[str, float], tuple[Path, Any]] = {}
     for task, p in settings.attacks(method):
         mix = load_finetune_mix(ctx.root, task, p, n=settings.attack_n.get(task), seed=settings.seed)

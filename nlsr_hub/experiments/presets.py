@@ -18,7 +18,7 @@ QUICK = GridSettings(
 
 DEMO = GridSettings(
     preset="demo", focus_only=True, other_tasks=(), scorers=(), ablations=(), evaluate_safelora=False,
-    evaluate_base=False,
+    evaluate_base=False, evaluate_reference=False,
     align_refusals=150, align_harmless=150, attack_n={"sst2": 200}, calibration_prompts=80,
     eval=EvalSettings(advbench=30, beavertails=30, harmless=20, hs_new_tokens=32, fa={"sst2": 100}),
 )

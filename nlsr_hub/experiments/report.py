@@ -77,8 +77,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["## Reference models", "", "| model | HS | HS AdvBench | HS BeaverTails | over-refusal | FA SST-2 |",
               "| --- | --- | --- | --- | --- | --- |"]
     for row in rows:
-        if row["model"] in ("base", "aligned"):
-            name = "base" if row["model"] == "base" else f"{row['method']}-aligned"
+        if row["model"] in ("base", "aligned", "reference"):
+            name = {"base": "base", "aligned": f"{row['method']}-aligned",
+                    "reference": f"{row['method']} safety reference (EXPO, beta {_fmt(row.get('beta'))})"}[row["model"]]
             lines.append(f"| {name} | {_fmt(row['hs'])} | {_fmt(row.get('hs_advbench'))} | "
                          f"{_fmt(row.get('hs_beavertails'))} | {_fmt(row.get('over_refusal'))} | "
                          f"{_fmt(row.get('fa_sst2'))} |")
