@@ -74,19 +74,25 @@ def tiny_demo_inputs() -> tuple[str, str, str]:
 
 def smollm_demo_inputs() -> tuple[str, str, str]:
     """Base, aligned (SFT) and fine-tuned (SST-2, p = 0.05) folders of the SmolLM2 demo, from the nlsr cache
-    that ``python -m nlsr_hub.experiments demo`` fills (the most recent run wins)."""
+    that ``nlsr demo`` fills: the most recent attack, and the aligned adapter it was resumed from."""
+    import json
+
+    from nlsr_hub.experiments.grid import Stages
+
     root = Path(os.environ.get("NLSR_CACHE", Path.home() / ".cache" / "nlsr-hub"))
     base = root / "SmolLM2-135M-Instruct"
-
-    def latest(pattern: str) -> Path | None:
-        found = [p for p in (root / "experiments").glob(pattern) if (p / "adapter_config.json").is_file()]
-        return max(found, key=lambda p: p.stat().st_mtime) if found else None
-
-    aligned, finetuned = latest("align-sft-*/adapter"), latest("attack-sft-sst2-p0.05-*/adapter")
-    if not (base / "config.json").is_file() or aligned is None or finetuned is None:
-        raise SpaceError("The SmolLM2 demo is not prepared on this machine: run `python -m nlsr_hub.experiments "
-                         "demo` once (it caches the model and adapters), or pick the tiny demo.")
-    return str(base), str(aligned), str(finetuned)
+    stages = Stages(root / "experiments")
+    attacks = [p for p in stages.root.glob("attack-sft-sst2-p0.05-*")
+               if (p / "adapter" / "adapter_config.json").is_file() and (p / "done.json").is_file()]
+    finetuned = max(attacks, key=lambda p: p.stat().st_mtime) if attacks else None
+    aligned = None
+    if finetuned is not None:
+        key = json.loads((finetuned / "done.json").read_text(encoding="utf-8"))["key"]["aligned"]
+        aligned = stages.folder("align-sft", key) / "adapter"
+    if not (base / "config.json").is_file() or aligned is None or not (aligned / "adapter_config.json").is_file():
+        raise SpaceError("The SmolLM2 demo is not prepared on this machine: run `nlsr demo` once (it caches the "
+                         "model and adapters), or pick the tiny demo.")
+    return str(base), str(aligned), str(finetuned / "adapter")
 
 
 def resolve_inputs(source: str, base: str, aligned: str, finetuned: str) -> tuple[str, str, str]:

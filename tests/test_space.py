@@ -167,15 +167,32 @@ def test_push_from_the_space_uses_the_token_once_and_never_shows_it(space, tmp_p
 
 
 def test_smollm_demo_inputs_come_from_the_nlsr_cache(space, tmp_path, monkeypatch):
+    import json
+    import os
+
+    from nlsr_hub.experiments.grid import Stages
+
     app, _ = space
     monkeypatch.setenv("NLSR_CACHE", str(tmp_path))
     with pytest.raises(app.backend.SpaceError, match="not prepared"):
         app.backend.smollm_demo_inputs()
     (tmp_path / "SmolLM2-135M-Instruct").mkdir()
     (tmp_path / "SmolLM2-135M-Instruct" / "config.json").write_text("{}")
-    for stage in ("align-sft-aaa", "attack-sft-sst2-p0.05-bbb", "attack-sft-sst2-p0.1-ccc"):
-        (tmp_path / "experiments" / stage / "adapter").mkdir(parents=True)
-        (tmp_path / "experiments" / stage / "adapter" / "adapter_config.json").write_text("{}")
+    stages = Stages(tmp_path / "experiments")
+    # two alignments, each attacked; the newest attack was resumed from the *older* alignment
+    keys = {"old": {"rows": "old"}, "new": {"rows": "new"}}
+    for key in keys.values():
+        folder = stages.folder("align-sft", key) / "adapter"
+        folder.mkdir(parents=True)
+        (folder / "adapter_config.json").write_text("{}")
+    for i, (attack, aligned_from) in enumerate((("sst2-p0.05-1", "new"), ("sst2-p0.05-2", "old"),
+                                                ("sst2-p0.1-3", "new"))):
+        folder = tmp_path / "experiments" / f"attack-sft-{attack}"
+        (folder / "adapter").mkdir(parents=True)
+        (folder / "adapter" / "adapter_config.json").write_text("{}")
+        (folder / "done.json").write_text(json.dumps({"key": {"aligned": keys[aligned_from]}, "seconds": 1.0}))
+        os.utime(folder, (1000 + i, 1000 + i))
     base, aligned, finetuned = app.backend.smollm_demo_inputs()
     assert base.endswith("SmolLM2-135M-Instruct")
-    assert "align-sft-aaa" in aligned and "attack-sft-sst2-p0.05-bbb" in finetuned
+    assert finetuned.endswith("attack-sft-sst2-p0.05-2/adapter")
+    assert aligned == str(stages.folder("align-sft", keys["old"]) / "adapter")  # the pair belongs together
