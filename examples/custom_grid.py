@@ -21,7 +21,8 @@ def main() -> None:
     args = parser.parse_args()
     settings = dataclasses.replace(
         TINY if args.tiny else QUICK, preset="custom", methods=("dpo",), focus_only=True, scorers=(),
-        ablations=(("fraction 0.2", {"selection": "fraction", "fraction": 0.2}), ("beta 2", {"beta": 2.0})),
+        ablations=(("row granularity", {"granularity": "row"}),
+                   ("fraction 0.2", {"selection": "fraction", "fraction": 0.2}), ("beta 2", {"beta": 2.0})),
     )
     results = run_grid(settings, out=args.out)
     print((args.out / "results.md").read_text(encoding="utf-8"))
