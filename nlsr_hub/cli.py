@@ -341,7 +341,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     if not args.tiny:
         try:
-            import trl  # noqa: F401  (fails early without the `train` extra)
+            import gguf  # noqa: F401  (the model ships as GGUF; these fail early without the `train` extra)
+            import trl  # noqa: F401
 
             from .experiments.__main__ import main as experiments_main
         except ImportError as err:
