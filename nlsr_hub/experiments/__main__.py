@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = dataclasses.replace(settings, methods=tuple(m.strip() for m in args.methods.split(",") if m))
     out = args.out or Path("results") / preset
     out.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True,
                         handlers=[logging.StreamHandler(sys.stderr), logging.FileHandler(out / f"{preset}.log")])
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
