@@ -8,11 +8,10 @@ from .grid import GridSettings
 from .train import METHODS, TrainSettings
 
 QUICK = GridSettings(
-    preset="quick", methods=("sft",), align_preferences=100, harmless_answer_tokens=48,
-    attack_n={"sst2": 300, "ag_news": 200, "gsm8k": 100},
+    preset="quick", methods=("sft",), align_refusals=200, align_harmless=200, align_preferences=100,
+    harmless_answer_tokens=48, attack_n={"sst2": 250, "ag_news": 150, "gsm8k": 80},
     ablations=(("row granularity", {"granularity": "row"}),
-               ("row granularity, beta 3", {"granularity": "row", "beta": 3.0}),
-               ("fraction 0.2", {"selection": "fraction", "fraction": 0.2}), ("beta 0", {"beta": 0.0})),
+               ("row granularity, beta 3", {"granularity": "row", "beta": 3.0}), ("beta 0", {"beta": 0.0})),
     eval=EvalSettings(advbench=40, beavertails=40, harmless=20, hs_new_tokens=32,
                       fa={"sst2": 100, "ag_news": 60, "gsm8k": 30}),
 )
