@@ -350,7 +350,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                               "'nlsr-hub[train]'`, or `nlsr demo --tiny` for the offline example") from err
         argv = ["demo", "--out", str(args.output)] + (["--threads", str(args.threads)] if args.threads > 0 else [])
         argv += [f"--{name}={value}" for name in ("data", "cache") if (value := getattr(args, name)) is not None]
-        return experiments_main(argv + (["--no-progress"] if args.no_progress else []))
+        argv += ["--no-progress"] if args.no_progress else []
+        shown = ["nlsr demo", *(["--output", str(args.output)] if args.output != Path("demo_out") else []), *argv[3:]]
+        return experiments_main(argv, command=" ".join(shown))
 
     from .demo import build_trio
     from .patcher import NLSRPatcher

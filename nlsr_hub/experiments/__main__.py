@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
+    """Run the command; `command` is the command line recorded in the results (default: this one)."""
     args = _parser().parse_args(argv)
     from .presets import PRESETS
 
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     try:
-        command = "python -m nlsr_hub.experiments " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = command or "python -m nlsr_hub.experiments " + " ".join(argv if argv is not None else sys.argv[1:])
         results = run_grid(settings, out=out, data=args.data, cache=args.cache, progress=not args.no_progress,
                            command=command)
     except DataMissing as err:
