@@ -5,7 +5,9 @@ Example (the quick grid's SFT-aligned adapter attacked on SST-2 with p = 0.05; s
 
     .venv/bin/python examples/sweep_settings.py --base ~/.cache/nlsr-hub/SmolLM2-135M-Instruct \\
         --aligned <align-sft>/adapter --finetuned <attack-sft-sst2-p0.05>/adapter \\
-        --calibration <calibration-sft>/calibration.json --out /tmp/sweep
+        --calibration <calibration-sft>/calibration.json --out /tmp/sweep [--sst2 200] [--only "row adaptive,..."]
+
+The measured table (and the exact command) is in ``results/sweep/sst2_p0.05.md``.
 """
 
 from __future__ import annotations
