@@ -212,7 +212,9 @@ def test_grid_tiny_end_to_end_and_cached(fake_data, tmp_path):
     assert ("safelora (lowest 0.5)", 0.0) not in models  # the k-lowest rule runs at the focus attack only
     lowest = next(r for r in results["rows"] if r["model"] == "safelora (lowest 0.5)")
     assert lowest["patched"] == "7/14"  # half of the tiny model's 14 LoRA modules
-    assert results["compute_seconds"] > 0
+    # every stage folder counted once, also when a stage is reused within the run
+    ran = [json.loads(d.read_text())["seconds"] for d in (tmp_path / "cache" / "experiments").glob("*/done.json")]
+    assert results["compute_seconds"] == pytest.approx(sum(ran)) and results["compute_seconds"] > 0
     # a realignment that changed no module is the fine-tuned adapter: it reuses that adapter's evaluation
     finetuned_eval = {(r["task"], r["p"]): r["eval_dir"] for r in results["rows"] if r["model"] == "finetuned"}
     for row in results["rows"]:

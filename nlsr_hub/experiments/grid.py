@@ -115,7 +115,7 @@ class Stages:
         self.root = root
         self.timings: dict[str, float] = {}
         self.skipped: list[str] = []
-        self.compute_seconds = 0.0  # what every stage used took when it ran, cached ones included
+        self._used: dict[Path, float] = {}  # every stage folder used, with the seconds it took when it ran
 
     def folder(self, name: str, key: Any) -> Path:
         return self.root / f"{name}-{_hash(key)}"
@@ -125,7 +125,7 @@ class Stages:
         marker = path / "done.json"
         if marker.is_file():
             self.skipped.append(name)
-            self.compute_seconds += self.seconds(path)
+            self._used[path] = self.seconds(path)
             logger.info("stage %s: cached (%s)", name, path)
             return path
         partial = path.with_name(path.name + ".partial")
@@ -139,9 +139,14 @@ class Stages:
         shutil.rmtree(path, ignore_errors=True)
         partial.rename(path)
         self.timings[name] = round(self.timings.get(name, 0.0) + seconds, 1)
-        self.compute_seconds += seconds
+        self._used[path] = seconds
         logger.info("stage %s: done in %.1f s", name, seconds)
         return path
+
+    @property
+    def compute_seconds(self) -> float:
+        """What the stages used so far took when they ran (cached ones included, each stage counted once)."""
+        return sum(self._used.values())
 
     def seconds(self, path: Path) -> float:
         return json.loads((path / "done.json").read_text())["seconds"]
