@@ -279,9 +279,12 @@ def test_cli_demo_tiny_runs_offline(tmp_path, capsys):
 
 
 def test_cli_demo_without_data_fails_before_downloading_anything(tmp_path, capsys):
+    import logging
+
     from nlsr_hub.cli import main
 
     (tmp_path / "data").mkdir()
+    root_handlers, package = list(logging.getLogger().handlers), logging.getLogger("nlsr_hub")
     code = main(["demo", "--data", str(tmp_path / "data"), "--cache", str(tmp_path / "cache"),
                  "--output", str(tmp_path / "out"), "--no-progress"])
     err = capsys.readouterr().err
@@ -289,3 +292,6 @@ def test_cli_demo_without_data_fails_before_downloading_anything(tmp_path, capsy
     assert "benchmark data missing" in err and "train_merged_n1000_p0.05.json" in err and "--data" in err
     assert "ag_news" not in err  # the demo needs SST-2 only
     assert not (tmp_path / "cache").exists()  # the model was not fetched
+    # the run's log handlers are gone again: nothing later writes to this test's closed stderr
+    assert logging.getLogger().handlers == root_handlers and not package.handlers and package.propagate
+    assert (tmp_path / "out" / "demo.log").is_file()

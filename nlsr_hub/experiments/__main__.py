@@ -3,14 +3,40 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from .data import DataMissing
+
+
+@contextlib.contextmanager
+def _stage_log(path: Path) -> Iterator[None]:
+    """Stage progress of the ``nlsr_hub`` loggers to stderr and `path` while the grid runs; the process's own
+    logging set-up (root handlers, levels) is left as it was."""
+    logger = logging.getLogger("nlsr_hub")
+    handlers = [logging.StreamHandler(sys.stderr), logging.FileHandler(path, encoding="utf-8")]
+    formatter = logging.Formatter("%(asctime)s %(name)s: %(message)s")
+    saved = logger.level, logger.propagate
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,19 +73,20 @@ def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
         settings = dataclasses.replace(settings, methods=tuple(m.strip() for m in args.methods.split(",") if m))
     out = args.out or Path("results") / preset
     out.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True,
-                        handlers=[logging.StreamHandler(sys.stderr), logging.FileHandler(out / f"{preset}.log")])
-    for noisy in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.threads > 0:
         import torch
 
         torch.set_num_threads(args.threads)
+    with _stage_log(out / f"{preset}.log"):
+        return _run(args, settings, out, command or "python -m nlsr_hub.experiments " + " ".join(
+            argv if argv is not None else sys.argv[1:]))
+
+
+def _run(args: argparse.Namespace, settings: Any, out: Path, command: str) -> int:
     from .grid import run_grid
 
     started = time.perf_counter()
     try:
-        command = command or "python -m nlsr_hub.experiments " + " ".join(argv if argv is not None else sys.argv[1:])
         results = run_grid(settings, out=out, data=args.data, cache=args.cache, progress=not args.no_progress,
                            command=command)
     except DataMissing as err:
