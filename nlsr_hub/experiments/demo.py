@@ -1,6 +1,6 @@
 """The README demo: SmolLM2-135M-Instruct is safety-aligned (SFT LoRA), attacked (SST-2 with 5 % harmful rows,
 resumed from the aligned adapter) and realigned with NLSR; harmful score and accuracy are printed before and
-after. Run it with ``python -m nlsr_hub.experiments demo`` (every stage is cached)."""
+after. Run it with ``nlsr demo`` or ``python -m nlsr_hub.experiments demo`` (every stage is cached)."""
 
 from __future__ import annotations
 
