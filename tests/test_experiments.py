@@ -295,3 +295,17 @@ def test_cli_demo_without_data_fails_before_downloading_anything(tmp_path, capsy
     # the run's log handlers are gone again: nothing later writes to this test's closed stderr
     assert logging.getLogger().handlers == root_handlers and not package.handlers and package.propagate
     assert (tmp_path / "out" / "demo.log").is_file()
+
+
+def test_grid_preference_pairs_can_choose_refusals(fake_data, tmp_path):
+    kwargs = {"data": fake_data, "cache": tmp_path / "cache", "harmless_source": fake_data / "nq.jsonl",
+              "calibration_source": fake_data / "many_shot.json", "progress": False}
+    with pytest.raises(ValueError, match="preference_chosen"):
+        run_grid(dataclasses.replace(TINY, preference_chosen="maybe"), out=tmp_path / "bad", **kwargs)
+    settings = dataclasses.replace(TINY, methods=("sft", "simpo"), scorers=(), ablations=(), safelora_lowest=())
+    first = run_grid(settings, out=tmp_path / "a", **kwargs)
+    second = run_grid(dataclasses.replace(settings, preference_chosen="refusal"), out=tmp_path / "b", **kwargs)
+    assert {r["model"] for r in first["rows"] if r["method"] == "simpo"} >= {"aligned", "finetuned", "nlsr"}
+    # other pairs -> a new preference adapter (and what depends on it); SFT and its attacks come from the cache
+    assert "align-simpo" in second["stage_seconds"] and "align-sft" not in second["stage_seconds"]
+    assert "attack-sft-sst2-p0.05" not in second["stage_seconds"]

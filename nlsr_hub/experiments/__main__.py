@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
         size.add_argument(f"--{name}", dest="preset", action="store_const", const=name, help=text)
     grid.add_argument("--methods", help="comma-separated alignment methods (sft,dpo,orpo,kto,simpo); "
                       "the first gets the full attack sweep")
+    grid.add_argument("--preference-chosen", choices=("dataset", "refusal"), default=None,
+                      help="preference pairs on harmful prompts: the data set's safer answer is chosen (default), "
+                      "or a refusal is chosen over the less safe answer")
     demo = sub.add_parser("demo", help="SmolLM2: SFT alignment, SST-2 p=0.05 attack, NLSR, HS/FA before and after")
     for command in (grid, demo):
         command.add_argument("--out", type=Path, help="results folder (default results/<preset>)")
@@ -71,6 +74,8 @@ def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
     settings = PRESETS[preset]
     if args.command == "grid" and args.methods:
         settings = dataclasses.replace(settings, methods=tuple(m.strip() for m in args.methods.split(",") if m))
+    if args.command == "grid" and args.preference_chosen:
+        settings = dataclasses.replace(settings, preference_chosen=args.preference_chosen)
     out = args.out or Path("results") / preset
     out.mkdir(parents=True, exist_ok=True)
     if args.threads > 0:

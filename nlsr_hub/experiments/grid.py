@@ -61,6 +61,7 @@ class GridSettings:
     align_refusals: int = 250
     align_harmless: int = 250
     align_preferences: int = 250
+    preference_chosen: str = "dataset"  # or "refusal": the chosen answer to a harmful prompt is a refusal
     harmless_answer_tokens: int = 64
     harmless_held_out: int = 30  # NQ questions kept out of training; the over-refusal set is drawn from them
     align: TrainSettings = field(default_factory=lambda: TrainSettings(lr=3e-4, epochs=2, max_length=192))
@@ -215,6 +216,8 @@ def run_grid(settings: GridSettings, *, out: str | Path, data: str | Path | None
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(settings.seed)
 
+    if settings.preference_chosen not in ("dataset", "refusal"):
+        raise ValueError(f"`preference_chosen` must be 'dataset' or 'refusal' (got {settings.preference_chosen!r}).")
     # ----- data (every file is checked before the model is fetched or anything is trained)
     attacks = {(t, p) for m in settings.methods for t, p in settings.attacks(m)}
     needed = [finetune_path(root, t, p) for t, p in sorted(attacks)]
@@ -272,7 +275,10 @@ def run_grid(settings: GridSettings, *, out: str | Path, data: str | Path | None
         merged = stages.run("sft-merged", merged_key, lambda d: merge_adapter(base, sft_dir / "adapter", d / "model"))
         merged_base = merged / "model"
         refusal_texts = _refusal_texts(refusals)
-        pairs = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}
+        # "dataset": PKU-SafeRLHF's safer answer is chosen (it is rarely a refusal); "refusal": a refusal is chosen
+        # over the same pair's less safe answer
+        pairs = [{"prompt": p.prompt, "rejected": p.rejected,
+                  "chosen": rng.choice(refusal_texts) if settings.preference_chosen == "refusal" else p.chosen}
                  for p in load_preferences(root)[: settings.align_preferences]]
         pairs += [{"prompt": h["prompt"], "chosen": h["response"], "rejected": rng.choice(refusal_texts)}
                   for h in harmless[: settings.align_preferences]]
