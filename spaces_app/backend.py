@@ -6,7 +6,7 @@ hold for the browser and for `gradio_client` calls.
 
 from __future__ import annotations
 
-import os
+import json
 import shutil
 import tempfile
 import threading
@@ -75,12 +75,11 @@ def tiny_demo_inputs() -> tuple[str, str, str]:
 def smollm_demo_inputs() -> tuple[str, str, str]:
     """Base, aligned (SFT) and fine-tuned (SST-2, p = 0.05) folders of the SmolLM2 demo, from the nlsr cache
     that ``nlsr demo`` fills: the most recent attack, and the aligned adapter it was resumed from."""
-    import json
-
     from nlsr_hub.experiments.grid import Stages
+    from nlsr_hub.experiments.smollm import MODEL_DIR_NAME, cache_root
 
-    root = Path(os.environ.get("NLSR_CACHE", Path.home() / ".cache" / "nlsr-hub"))
-    base = root / "SmolLM2-135M-Instruct"
+    root = cache_root()
+    base = root / MODEL_DIR_NAME
     stages = Stages(root / "experiments")
     attacks = [p for p in stages.root.glob("attack-sft-sst2-p0.05-*")
                if (p / "adapter" / "adapter_config.json").is_file() and (p / "done.json").is_file()]
