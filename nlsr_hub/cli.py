@@ -348,11 +348,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         except ImportError as err:
             raise ImportError(f"the SmolLM2 demo needs the `train` extra ({err}); run `pip install "
                               "'nlsr-hub[train]'`, or `nlsr demo --tiny` for the offline example") from err
-        argv = ["demo", "--out", str(args.output)] + (["--threads", str(args.threads)] if args.threads > 0 else [])
-        argv += [f"--{name}={value}" for name in ("data", "cache") if (value := getattr(args, name)) is not None]
-        argv += ["--no-progress"] if args.no_progress else []
-        shown = ["nlsr demo", *(["--output", str(args.output)] if args.output != Path("demo_out") else []), *argv[3:]]
-        return experiments_main(argv, command=" ".join(shown))
+        flags = ["--threads", str(args.threads)] if args.threads > 0 else []
+        flags += [f"--{name}={value}" for name in ("data", "cache") if (value := getattr(args, name)) is not None]
+        flags += ["--no-progress"] if args.no_progress else []
+        output = ["--output", str(args.output)] if args.output != Path("demo_out") else []
+        return experiments_main(["demo", "--out", str(args.output), *flags],
+                                command=" ".join(["nlsr demo", *output, *flags]))
 
     from .demo import build_trio
     from .patcher import NLSRPatcher
