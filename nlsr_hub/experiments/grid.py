@@ -476,11 +476,11 @@ def _run_safelora(ctx: _Context, method: str, model_base: Path, aligned_dir: Pat
         from ..safelora import safelora
 
         summary = {}
+        aligned = load_adapter(aligned_dir)
         for task, p in targets:
             finetuned = load_adapter(attacks[(task, p)][0])
             lowest = None if "share" not in rule else round(rule["share"] * len(finetuned.modules))
-            adapter, decisions = safelora(load_adapter(aligned_dir), finetuned, threshold=rule.get("threshold", 0.0),
-                                          lowest=lowest)
+            adapter, decisions = safelora(aligned, finetuned, threshold=rule.get("threshold", 0.0), lowest=lowest)
             save_adapter(adapter, folder / f"{task}-p{p:g}")
             summary[f"{task}-p{p:g}"] = {"projected": sum(d.projected for d in decisions), "total": len(decisions)}
         _dump(folder / "summary.json", summary)
