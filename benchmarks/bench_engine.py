@@ -34,8 +34,6 @@ from nlsr_hub.plan import plan_realignment
 from nlsr_hub.safety_patch import SafetyPatch, build_safety_patch
 from nlsr_hub.statistics import collect_statistics
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -76,7 +74,7 @@ def random_adapter(shapes: dict[str, tuple[int, int]], rank: int, seed: int, dty
 def smollm_shaped(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from nlsr_hub.demo import build_tokenizer
+    from nlsr_hub.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,

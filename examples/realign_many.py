@@ -4,7 +4,7 @@
 
 BASE is a model folder or Hub id, ALIGNED the safety-aligned LoRA, CALIBRATION a JSON/JSONL file of safe
 ``{"prompt", "response"}`` pairs (e.g. the ``calibration.json`` rows a grid run keeps in its cache).
-Without arguments it runs on the tiny offline example trio of ``nlsr_hub.demo``.
+Without arguments it runs on the tiny offline example trio of ``nlsr_hub.tiny``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def main() -> None:
         rows = Path(calibration).read_text(encoding="utf-8")
         calibration = json.loads(rows)["rows"] if rows.lstrip().startswith("{") else calibration
     else:
-        from nlsr_hub.demo import build_trio
+        from nlsr_hub.tiny import build_trio
 
         trio = build_trio(args.out / "trio")
         base, aligned, calibration, finetuned = trio.base, trio.aligned, None, [trio.finetuned]

@@ -30,6 +30,8 @@ PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 _PREFIX = "base_model.model."
 _KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
 _LAYER_RE = re.compile(r"\.(\d+)\.")
+# the projections of a Llama-style block (Llama, Mistral, Qwen2, Gemma, SmolLM2 naming): the usual LoRA targets
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _UNSUPPORTED_KEYS = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
 

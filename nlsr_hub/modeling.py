@@ -33,11 +33,16 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 
 def load_base_model(
-    path: str, *, dtype: str | torch.dtype | None = None, device: str | None = None, **hub_kwargs: Any
+    path: str, *, dtype: str | torch.dtype | None = None, device: str | None = None, adapter: str | Any = None,
+    merge: bool = False, **hub_kwargs: Any
 ) -> tuple[Any, Any]:
-    """Load a causal LM and its tokenizer from a local folder or Hub id (safetensors only, never remote code).
+    """Load a causal LM and its tokenizer from a local folder or Hub id (safetensors only, never remote code),
+    in eval mode; the one model loader of nlsr-hub (calibration, evaluation, training, the Space).
 
-    `hub_kwargs` are passed through: ``revision``, ``token``, ``cache_dir``, ``local_files_only``.
+    Args:
+        adapter: a local PEFT adapter folder to attach (``PeftModel``), or None.
+        merge: merge the adapter into the weights (faster generation; the result is a plain model).
+        hub_kwargs: passed through: ``revision``, ``token``, ``cache_dir``, ``local_files_only``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -45,6 +50,12 @@ def load_base_model(
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=resolve_dtype(dtype), use_safetensors=True, **hub_kwargs
     )
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+        if merge:
+            model = model.merge_and_unload()
     model.eval()
     if device:
         model.to(device)

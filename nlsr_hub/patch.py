@@ -100,11 +100,14 @@ def replace_module(reference: LoraModule, finetuned: LoraModule) -> LoraModule:
 
 
 def apply_plan(
-    finetuned: LoraAdapter, patch: SafetyPatch, plan: RealignmentPlan, *, restoration: str | None = None
+    finetuned: LoraAdapter, patch: SafetyPatch, plan: RealignmentPlan, *, restoration: str | None = None,
+    checked: bool = False,
 ) -> LoraAdapter:
-    """The realigned adapter: `plan`'s patched modules restored from `patch`, every other module unchanged."""
+    """The realigned adapter: `plan`'s patched modules restored from `patch`, every other module unchanged.
+    `checked=True` skips the compatibility check the caller already made."""
     restoration = restoration or NLSRConfig.from_dict(dict(plan.config)).effective_restoration
-    check_compatible(patch, finetuned, restoration=restoration)
+    if not checked:
+        check_compatible(patch, finetuned, restoration=restoration)
     modules: dict[str, LoraModule] = dict(finetuned.modules)
     for name in plan.patched:
         reference, mask = patch.reference.modules[name], patch.masks[name]

@@ -12,9 +12,10 @@ from .calibration import fingerprint, load_calibration
 from .config import NLSRConfig
 from .hub import MODEL_PATTERNS, PATCH_FILES, ResolvedInput, resolve
 from .modeling import load_base_model
-from .patch import apply_plan, check_compatible, check_compatible_modules, neuron_counts, similarities
-from .plan import RealignmentPlan, plan_realignment
+from .patch import check_compatible_modules
+from .plan import RealignmentPlan
 from .reference import build_reference
+from .restorers import RestoreInputs, get_restorer, restore
 from .result import RealignmentResult
 from .safety_patch import SafetyPatch, build_safety_patch
 from .scoring import get_scorer
@@ -190,8 +191,9 @@ class NLSRPatcher:
             return cached
         reference = self.reference_adapter()
         if self.finetuned is not None:  # fail before minutes of forward passes, not after
-            check_compatible_modules(reference, self.finetuned, granularity=config.granularity,
-                                     restoration=config.effective_restoration)
+            nlsr = config.restorer == "nlsr"  # only the factor-level engine needs a shared LoRA basis
+            check_compatible_modules(reference, self.finetuned, granularity=config.granularity if nlsr else "row",
+                                     restoration=config.effective_restoration if nlsr else "neuron")
         stats, calibration_meta = None, {}
         if pairs is not None:
             model, tokenizer = self._load_model()
@@ -220,23 +222,33 @@ class NLSRPatcher:
             raise ValueError("No fine-tuned adapter to realign: pass `finetuned` to `from_pretrained` or `realign`.")
         return target
 
-    def _plan_and_patch(
+    def _restore(
         self, calibration: Any, finetuned: LoraAdapter | None, finetuned_lineage: Mapping[str, Any] | None,
-        progress: bool,
-    ) -> tuple[RealignmentPlan, SafetyPatch, LoraAdapter]:
+        progress: bool, build: bool,
+    ) -> tuple[RealignmentPlan, SafetyPatch | None, LoraAdapter | None]:
+        """Run the configured restorer: the plan, the safety patch it used (if any) and the new adapter."""
         target = self._target(finetuned)
-        patch = self.safety_patch(calibration, progress=progress)
-        if finetuned is not None:
-            check_same_base({"reference": patch.reference, "finetuned": target})
-        check_compatible(patch, target, restoration=self.config.effective_restoration)
-        inputs = dict(self.inputs)
+        restorer = get_restorer(self.config.restorer)
+        patch = None
+        if restorer.needs == "patch":
+            patch = self.safety_patch(calibration, progress=progress)
+            if finetuned is not None:
+                check_same_base({"reference": patch.reference, "finetuned": target})
+            calibration_meta = patch.metadata.get("calibration", {})
+        else:
+            if self.aligned is None:
+                raise ValueError(f"Restorer {restorer.name!r} needs the aligned adapter itself; pass `aligned=` "
+                                 "(a safety patch holds only the reference's masks).")
+            if finetuned is not None:
+                check_same_base({"aligned": self.aligned, "finetuned": target})
+            calibration_meta = {}
+        inputs = dict(self.inputs)  # after the calibration pass, which records the base model's lineage
         if finetuned_lineage is not None:
             inputs["finetuned"] = dict(finetuned_lineage)
-        plan = plan_realignment(
-            similarities(patch, target), neuron_counts(patch), self.config, inputs=inputs,
-            calibration=patch.metadata.get("calibration", {}),
-        )
-        return plan, patch, target
+        restore_inputs = RestoreInputs(finetuned=target, aligned=self.aligned, patch=patch, lineage=inputs,
+                                       calibration=calibration_meta)
+        plan, adapter = restore(restore_inputs, self.config, build=build)
+        return plan, patch, adapter
 
     def plan(
         self,
@@ -248,7 +260,7 @@ class NLSRPatcher:
     ) -> RealignmentPlan:
         """Similarity and decision for every module (no weights are built). `finetuned` replaces the
         patcher's own fine-tuned adapter (batch mode: one safety patch, many adapters)."""
-        return self._plan_and_patch(calibration, finetuned, finetuned_lineage, progress)[0]
+        return self._restore(calibration, finetuned, finetuned_lineage, progress, build=False)[0]
 
     def realign(
         self,
@@ -259,14 +271,15 @@ class NLSRPatcher:
         finetuned_lineage: Mapping[str, Any] | None = None,
         progress: bool = True,
     ) -> RealignmentResult:
-        """Plan and, unless `dry_run`, build the realigned adapter. The inputs are never modified.
+        """Plan and, unless `dry_run`, build the realigned adapter with the configured restorer
+        (``config.restorer``, see `nlsr_hub.restorers`). The inputs are never modified.
 
         Args:
             calibration: safe (prompt, response) pairs — a list, a JSON/JSONL path or a `datasets` split;
-                None uses the built-in set. Ignored when a safety patch was supplied.
+                None uses the built-in set. Ignored when a safety patch was supplied, and by restorers that
+                need no calibration pass (``addback``, ``interpolate``, ``safelora``).
             dry_run: return the plan only (``result.adapter is None``).
             finetuned: realign this adapter instead of the patcher's own, reusing the safety patch.
         """
-        plan, patch, target = self._plan_and_patch(calibration, finetuned, finetuned_lineage, progress)
-        adapter = None if dry_run else apply_plan(target, patch, plan)
+        plan, patch, adapter = self._restore(calibration, finetuned, finetuned_lineage, progress, build=not dry_run)
         return RealignmentResult(plan=plan, adapter=adapter, config=self.config, safety_patch=patch)

@@ -6,6 +6,7 @@ render it; none of them recompute it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -15,7 +16,7 @@ from typing import Any
 from .adapters import layer_index, module_type
 from .config import NLSRConfig
 from .io import atomic_write_text
-from .selection import select_modules
+from .selection import Selection, select_modules
 
 PLAN_NAME = "nlsr_plan.json"
 PLAN_FORMAT = 1
@@ -35,6 +36,8 @@ class ModuleDecision:
     draw: int | None
     neurons_restored: int
     neurons_total: int
+    rank: int | None = None  # the realigned module's LoRA rank, where the restorer changed it
+    error: float | None = None  # relative Frobenius error of a re-factorised (truncated SVD) correction
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,11 @@ class RealignmentPlan:
     @property
     def scorer(self) -> str:
         return str(self.config.get("scorer"))
+
+    @property
+    def restorer(self) -> str:
+        """The restorer that made the plan (plans written before the registry existed were all ``nlsr``)."""
+        return str(self.config.get("restorer", "nlsr"))
 
     @property
     def patched(self) -> list[str]:
@@ -157,6 +165,7 @@ def plan_realignment(
     *,
     inputs: Mapping[str, Any] | None = None,
     calibration: Mapping[str, Any] | None = None,
+    selections: Mapping[str, Selection] | None = None,
 ) -> RealignmentPlan:
     """Build the plan from per-module similarities (pure; no weights are touched).
 
@@ -164,8 +173,9 @@ def plan_realignment(
         similarities: module name -> masked Frobenius cosine between reference and fine-tuned.
         neuron_counts: module name -> (safety-critical neurons, candidate neurons) of its mask.
         config: the realignment configuration (selection method and its parameters).
+        selections: decisions made by the restorer itself (default: `select_modules` on the similarities).
     """
-    selections = select_modules(similarities, config)
+    selections = selections if selections is not None else select_modules(similarities, config)
     decisions = []
     for name in sorted(similarities):
         sel = selections[name]
@@ -176,6 +186,17 @@ def plan_realignment(
             order=sel.order, patched=sel.patched, keep_probability=sel.keep_probability, draw=sel.draw,
             neurons_restored=restored, neurons_total=total,
         ))
+    return _finish(decisions, config, inputs, calibration)
+
+
+def with_outcomes(plan: RealignmentPlan, ranks: Mapping[str, int], errors: Mapping[str, float]) -> RealignmentPlan:
+    """The plan with the realigned modules' ranks and re-factorisation errors recorded."""
+    modules = tuple(dataclasses.replace(m, rank=ranks.get(m.name), error=errors.get(m.name)) for m in plan.modules)
+    return dataclasses.replace(plan, modules=modules)
+
+
+def _finish(decisions: list[ModuleDecision], config: NLSRConfig, inputs: Mapping[str, Any] | None,
+            calibration: Mapping[str, Any] | None) -> RealignmentPlan:
     return RealignmentPlan(
         modules=tuple(decisions), config=config.to_dict(), inputs=dict(inputs or {}),
         calibration=dict(calibration or {}),

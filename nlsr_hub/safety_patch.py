@@ -37,10 +37,15 @@ class SafetyPatch(PushToHubMixin):
     reference: LoraAdapter
     masks: Mapping[str, ModuleMask]
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    # per module, ‖x_j‖₂ of each input feature over the calibration's response tokens (d_in, float32): what the
+    # dense restorers weigh the reference's update with; empty when the scorer recorded no activations
+    input_norms: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if set(self.masks) != set(self.reference.modules):
             raise ValueError("A safety patch needs exactly one mask per reference module.")
+        if self.input_norms and set(self.input_norms) != set(self.reference.modules):
+            raise ValueError("A safety patch's input norms must cover every reference module, or none.")
 
     @property
     def granularity(self) -> str:
@@ -65,6 +70,8 @@ class SafetyPatch(PushToHubMixin):
             tensors[f"{name}.mask_B"] = mask.B.contiguous()
             if mask.A is not None:
                 tensors[f"{name}.mask_A"] = mask.A.contiguous()
+            if name in self.input_norms:
+                tensors[f"{name}.input_norm"] = self.input_norms[name].to(torch.float32).contiguous()
             modules_meta[name] = {"scale": module.scale, "critical": mask.count(), "total": mask.total()}
         meta = {
             "format": PATCH_FORMAT,
@@ -133,7 +140,8 @@ class SafetyPatch(PushToHubMixin):
         except KeyError as err:
             raise AdapterError(f"Safety patch {directory} lacks tensor {err}; the file is incomplete.") from None
         reference = LoraAdapter(modules=modules, config=meta.get("reference_config", {}))
-        return cls(reference=reference, masks=masks, metadata=meta.get("metadata", {}))
+        norms = {name: tensors[f"{name}.input_norm"] for name in modules if f"{name}.input_norm" in tensors}
+        return cls(reference=reference, masks=masks, metadata=meta.get("metadata", {}), input_norms=norms)
 
 
 
@@ -157,4 +165,8 @@ def build_safety_patch(
             module, module_stats, sparsity_ratio=sparsity_ratio, compat=compat, seed=seed, module_name=name
         )
         masks[name] = mask_from_scores(score_A, score_B, sparsity_ratio, granularity)
-    return SafetyPatch(reference=reference, masks=masks, metadata=dict(metadata or {}))
+    norms = {name: s.input_sq.clamp_min(0).sqrt().to(torch.float32) for name, s in (stats or {}).items()
+             if s.input_sq is not None}
+    if set(norms) != set(reference.modules):
+        norms = {}
+    return SafetyPatch(reference=reference, masks=masks, metadata=dict(metadata or {}), input_norms=norms)

@@ -6,7 +6,6 @@ hold for the browser and for `gradio_client` calls.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import threading
@@ -63,7 +62,7 @@ _WORK = Path(tempfile.mkdtemp(prefix="nlsr-space-"))
 
 def tiny_demo_inputs() -> tuple[str, str, str]:
     """Base, aligned and fine-tuned folders of the tiny offline example (built once per process)."""
-    from nlsr_hub.demo import build_trio
+    from nlsr_hub.tiny import build_trio
 
     root = _WORK / "tiny-trio"
     with _DEMO_LOCK:
@@ -73,25 +72,16 @@ def tiny_demo_inputs() -> tuple[str, str, str]:
 
 
 def smollm_demo_inputs() -> tuple[str, str, str]:
-    """Base, aligned (SFT) and fine-tuned (SST-2, p = 0.05) folders of the SmolLM2 demo, from the nlsr cache
-    that ``nlsr demo`` fills: the most recent attack, and the aligned adapter it was resumed from."""
-    from nlsr_hub.experiments.grid import Stages
-    from nlsr_hub.experiments.smollm import MODEL_DIR_NAME, cache_root
+    """Base, aligned (SFT) and fine-tuned (SST-2, p = 0.05) folders of the SmolLM2 demo that ``nlsr demo``
+    prepared on this machine (through the experiments' front door, never its cache layout)."""
+    from nlsr_hub.experiments import demo_inputs
+    from nlsr_hub.experiments.demo import DemoNotPrepared
 
-    root = cache_root()
-    base = root / MODEL_DIR_NAME
-    stages = Stages(root / "experiments")
-    attacks = [p for p in stages.root.glob("attack-sft-sst2-p0.05-*")
-               if (p / "adapter" / "adapter_config.json").is_file() and (p / "done.json").is_file()]
-    finetuned = max(attacks, key=lambda p: p.stat().st_mtime) if attacks else None
-    aligned = None
-    if finetuned is not None:
-        key = json.loads((finetuned / "done.json").read_text(encoding="utf-8"))["key"]["aligned"]
-        aligned = stages.folder("align-sft", key) / "adapter"
-    if not (base / "config.json").is_file() or aligned is None or not (aligned / "adapter_config.json").is_file():
-        raise SpaceError("The SmolLM2 demo is not prepared on this machine: run `nlsr demo` once (it caches the "
-                         "model and adapters), or pick the tiny demo.")
-    return str(base), str(aligned), str(finetuned / "adapter")
+    try:
+        inputs = demo_inputs()
+    except DemoNotPrepared as err:
+        raise SpaceError(f"{err} Or pick the tiny demo.") from None
+    return str(inputs.base), str(inputs.aligned), str(inputs.finetuned)
 
 
 def resolve_inputs(source: str, base: str, aligned: str, finetuned: str) -> tuple[str, str, str]:

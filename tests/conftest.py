@@ -43,7 +43,7 @@ def _make_lora(base: Path, out: Path, *, rank: int, seed: int, alpha: int | None
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from nlsr_hub.demo import TARGETS
+    from nlsr_hub.tiny import TARGETS
 
     model = AutoModelForCausalLM.from_pretrained(base)
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank,
@@ -61,7 +61,7 @@ def _make_lora(base: Path, out: Path, *, rank: int, seed: int, alpha: int | None
 @pytest.fixture(scope="session")
 def trio(tmp_path_factory):
     """The demo trio (2-block Llama base, aligned LoRA, fine-tuned LoRA with three damaged modules)."""
-    from nlsr_hub.demo import build_trio
+    from nlsr_hub.tiny import build_trio
 
     return build_trio(tmp_path_factory.mktemp("trio"))
 

@@ -25,7 +25,7 @@ def ft_copy(trio, tmp_path) -> Path:
 @pytest.fixture(scope="module")
 def other_base_lora(tmp_path_factory, make_lora) -> Path:
     """A LoRA on another tiny base (hidden size 32) whose folder is also called `base`, so only shapes differ."""
-    from nlsr_hub.demo import build_tiny_base
+    from nlsr_hub.tiny import build_tiny_base
 
     root = tmp_path_factory.mktemp("other")
     base = build_tiny_base(root / "base", hidden_size=32)

@@ -90,7 +90,7 @@ def test_a_different_seed_changes_the_adaptive_plan(trio):
 SCRIPT = """
 import sys
 from nlsr_hub import NLSRPatcher
-from nlsr_hub.demo import build_trio
+from nlsr_hub.tiny import build_trio
 base, aligned, finetuned, out, root = sys.argv[1:6]
 patcher = NLSRPatcher.from_pretrained(base, aligned=aligned, finetuned=finetuned)
 patcher.realign(progress=False).save_pretrained(out)
@@ -124,7 +124,7 @@ def test_output_bytes_do_not_depend_on_the_process(two_processes):
 
 
 def test_demo_trio_builds_byte_identically_across_processes(two_processes):
-    """`nlsr_hub.demo` promises a byte-identical build: compare two builds (the root path aside)."""
+    """`nlsr_hub.tiny` promises a byte-identical build: compare two builds (the root path aside)."""
     (_, root1), (_, root2) = two_processes
     files = sorted(p.relative_to(root1) for p in root1.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(root2) for p in root2.rglob("*") if p.is_file())

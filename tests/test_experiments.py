@@ -122,7 +122,7 @@ def test_calibration_keeps_only_safe_answers():
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory) -> Path:
-    from nlsr_hub.demo import build_tiny_base
+    from nlsr_hub.tiny import build_tiny_base
 
     return build_tiny_base(tmp_path_factory.mktemp("tiny") / "base")
 
@@ -237,9 +237,11 @@ def test_grid_tiny_end_to_end_and_cached(fake_data, tmp_path):
     assert again["stage_seconds"] == {}  # every stage came from the cache
     assert again["rows"] == results["rows"]
 
-    changed = dataclasses.replace(TINY, safelora_threshold=1.01)  # every cosine is below 1.01: all projected
+    changed = dataclasses.replace(TINY, safelora_threshold=-1.0)  # no cosine is below -1: nothing projected
     third = run_grid(changed, out=tmp_path / "out3", **kwargs)
-    assert set(third["stage_seconds"]) == {"safelora-sft", "eval"}  # only Safe LoRA and its evaluations rerun
+    # only the Safe LoRA stage reruns; an unchanged adapter reuses the fine-tuned adapter's cached evaluation
+    assert set(third["stage_seconds"]) == {"realign-sft-safelora"}
+    assert {r["patched"] for r in third["rows"] if r["model"] == "safelora"} == {"0/14"}
 
 
 def test_bar_check():

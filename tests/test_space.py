@@ -166,33 +166,23 @@ def test_push_from_the_space_uses_the_token_once_and_never_shows_it(space, tmp_p
     assert all(token.encode() not in p.read_bytes() for p in session_dirs if p.is_file())
 
 
-def test_smollm_demo_inputs_come_from_the_nlsr_cache(space, tmp_path, monkeypatch):
+def test_smollm_demo_inputs_come_from_the_experiments_front_door(space, tmp_path, monkeypatch):
     import json
-    import os
-
-    from nlsr_hub.experiments.grid import Stages
 
     app, _ = space
     monkeypatch.setenv("NLSR_CACHE", str(tmp_path))
     with pytest.raises(app.backend.SpaceError, match="not prepared"):
         app.backend.smollm_demo_inputs()
-    (tmp_path / "SmolLM2-135M-Instruct").mkdir()
-    (tmp_path / "SmolLM2-135M-Instruct" / "config.json").write_text("{}")
-    stages = Stages(tmp_path / "experiments")
-    # two alignments, each attacked; the newest attack was resumed from the *older* alignment
-    keys = {"old": {"rows": "old"}, "new": {"rows": "new"}}
-    for key in keys.values():
-        folder = stages.folder("align-sft", key) / "adapter"
-        folder.mkdir(parents=True)
-        (folder / "adapter_config.json").write_text("{}")
-    for i, (attack, aligned_from) in enumerate((("sst2-p0.05-1", "new"), ("sst2-p0.05-2", "old"),
-                                                ("sst2-p0.1-3", "new"))):
-        folder = tmp_path / "experiments" / f"attack-sft-{attack}"
-        (folder / "adapter").mkdir(parents=True)
-        (folder / "adapter" / "adapter_config.json").write_text("{}")
-        (folder / "done.json").write_text(json.dumps({"key": {"aligned": keys[aligned_from]}, "seconds": 1.0}))
-        os.utime(folder, (1000 + i, 1000 + i))
+    folders = {name: tmp_path / name for name in ("SmolLM2-135M-Instruct", "aligned", "finetuned")}
+    for name, folder in folders.items():
+        folder.mkdir()
+        (folder / ("config.json" if name.startswith("SmolLM2") else "adapter_config.json")).write_text("{}")
+    manifest = {"base": str(folders["SmolLM2-135M-Instruct"]), "aligned": str(folders["aligned"]),
+                "finetuned": str(folders["finetuned"]), "realigned": None, "rows": []}
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "demo.json").write_text(json.dumps(manifest))
     base, aligned, finetuned = app.backend.smollm_demo_inputs()
-    assert base.endswith("SmolLM2-135M-Instruct")
-    assert finetuned.endswith("attack-sft-sst2-p0.05-2/adapter")
-    assert aligned == str(stages.folder("align-sft", keys["old"]) / "adapter")  # the pair belongs together
+    assert (base, aligned, finetuned) == (manifest["base"], manifest["aligned"], manifest["finetuned"])
+    (folders["aligned"] / "adapter_config.json").unlink()
+    with pytest.raises(app.backend.SpaceError, match="gone"):
+        app.backend.smollm_demo_inputs()

@@ -23,10 +23,5 @@ def load_for_evaluation(
     """(model, tokenizer): the base model, with `adapter` attached through PEFT when given (eval mode)."""
     hub = {"revision": revision, "token": token, "cache_dir": cache_dir, "local_files_only": local_files_only}
     base_dir = resolve(base, files=(), patterns=MODEL_PATTERNS, **hub).local_path
-    model, tokenizer = load_base_model(str(base_dir), dtype=dtype, device=device)
-    if adapter is not None:
-        from peft import PeftModel
-
-        adapter_dir = resolve(adapter, files=ADAPTER_FILES, **hub).local_path
-        model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
-    return model, tokenizer
+    adapter_dir = resolve(adapter, files=ADAPTER_FILES, **hub).local_path if adapter is not None else None
+    return load_base_model(str(base_dir), dtype=dtype, device=device, adapter=adapter_dir)

@@ -3,40 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .data import DataMissing
-
-
-@contextlib.contextmanager
-def _stage_log(path: Path) -> Iterator[None]:
-    """Stage progress of the ``nlsr_hub`` loggers to stderr and `path` while the grid runs; the process's own
-    logging set-up (root handlers, levels) is left as it was."""
-    logger = logging.getLogger("nlsr_hub")
-    handlers = [logging.StreamHandler(sys.stderr), logging.FileHandler(path, encoding="utf-8")]
-    formatter = logging.Formatter("%(asctime)s %(name)s: %(message)s")
-    saved = logger.level, logger.propagate
-    for handler in handlers:
-        handler.setFormatter(formatter)
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    try:
-        yield
-    finally:
-        for handler in handlers:
-            logger.removeHandler(handler)
-            handler.close()
-        logger.setLevel(saved[0])
-        logger.propagate = saved[1]
+from .logs import stage_log
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,29 +57,28 @@ def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    with _stage_log(out / f"{preset}.log"):
+    with stage_log(out / f"{preset}.log"):
         return _run(args, settings, out, command or "python -m nlsr_hub.experiments " + " ".join(
             argv if argv is not None else sys.argv[1:]))
 
 
 def _run(args: argparse.Namespace, settings: Any, out: Path, command: str) -> int:
-    from .grid import run_grid
+    from . import run_demo, run_grid
 
     started = time.perf_counter()
     try:
-        results = run_grid(settings, out=out, data=args.data, cache=args.cache, progress=not args.no_progress,
-                           command=command)
+        if args.command == "demo":
+            _, text = run_demo(out=out, data=args.data, cache=args.cache, progress=not args.no_progress,
+                               command=command)
+            print(text)
+            return 0
+        run_grid(settings, out=out, data=args.data, cache=args.cache, progress=not args.no_progress,
+                 command=command)
     except DataMissing as err:
         print(f"nlsr experiments: benchmark data missing: {err}", file=sys.stderr)
         return 2
-    seconds = time.perf_counter() - started
-    if args.command == "demo":
-        from .demo import summary
-
-        print(summary(results, seconds))
-    else:
-        print((out / "results.md").read_text(encoding="utf-8"))
-        print(f"results written to {out} in {seconds:.0f} s")
+    print((out / "results.md").read_text(encoding="utf-8"))
+    print(f"results written to {out} in {time.perf_counter() - started:.0f} s")
     return 0
 
 

@@ -10,8 +10,7 @@ from typing import Any
 from ..adapters import load_adapter
 from ..evaluation import generate_responses
 from ..evaluation.judges import is_refusal
-from ..modeling import attached_adapter
-from ..reference import build_reference
+from ..modeling import attached_adapter, load_base_model
 
 
 def filter_safe(prompts: Sequence[str], responses: Sequence[str], rejected: Sequence[str | None] | None = None, *,
@@ -28,19 +27,16 @@ def filter_safe(prompts: Sequence[str], responses: Sequence[str], rejected: Sequ
     return rows
 
 
-def reference_calibration(base: str | Path, aligned: str | Path, prompts: Sequence[str], *, beta: float = 0.9,
+def reference_calibration(base: str | Path, reference: str | Path, prompts: Sequence[str], *,
                           rejected: Sequence[str | None] | None = None, max_new_tokens: int = 64,
                           batch_size: int = 16, progress: bool = True) -> tuple[list[dict[str, Any]], int]:
-    """Generate the EXPO reference's (``(1+beta)·ΔW_aligned``) greedy answers to `prompts` and keep the safe
-    ones. Returns the kept rows and the number generated."""
+    """Generate the safety reference's (an adapter folder, e.g. the EXPO reference stage's) greedy answers to
+    `prompts` and keep the safe ones. Returns the kept rows and the number generated."""
     from .evaluate import device
-    from .train import load_model
 
-    model, tokenizer = load_model(base)
+    model, tokenizer = load_base_model(str(base), device=device())
     model.config.use_cache = True
-    model = model.to(device()).eval()
-    reference = build_reference(load_adapter(aligned), None, beta=beta)
-    with attached_adapter(model, reference) as peft_model:
+    with attached_adapter(model, load_adapter(reference)) as peft_model:
         responses = generate_responses(peft_model, tokenizer, list(prompts), max_new_tokens=max_new_tokens,
                                        batch_size=batch_size, progress=progress, desc="nlsr: calibration")
     return filter_safe(prompts, responses, rejected), len(prompts)

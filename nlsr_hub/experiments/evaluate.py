@@ -38,15 +38,11 @@ def device() -> str:
 
 def load_eval_model(base: str | Path, adapter: str | Path | None) -> tuple[Any, Any]:
     """fp32 model with `adapter` merged in (merged weights generate faster than a LoRA-wrapped model)."""
-    from peft import PeftModel
+    from ..modeling import load_base_model
 
-    from .train import load_model
-
-    model, tokenizer = load_model(base)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    model, tokenizer = load_base_model(str(base), device=device(), adapter=adapter, merge=True)
     model.config.use_cache = True
-    return model.to(device()).eval(), tokenizer
+    return model, tokenizer
 
 
 def evaluate_model(base: str | Path, adapter: str | Path | None, *, harmful: Mapping[str, Sequence[str]],

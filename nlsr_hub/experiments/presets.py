@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from .evaluate import EvalSettings
-from .grid import GridSettings
+from .settings import GridSettings
 from .train import METHODS, TrainSettings
 
 QUICK = GridSettings(

@@ -1,8 +1,9 @@
 """LoRA training with TRL: safety alignment (SFT, DPO, ORPO, KTO, SimPO) and the poisoned fine-tuning attack.
 
-Every run trains fp32 LoRA weights with an fp32 optimiser; on CPU with ``bf16=True`` the forward and
-backward passes run under ``torch.autocast("cpu", torch.bfloat16)`` (Trainer's mixed precision), which is
-about twice as fast on CPUs with bf16 matmul units. Texts are rendered with the tokenizer's chat template
+Every run trains fp32 LoRA weights with an fp32 optimiser; with ``bf16=True`` the forward and backward passes
+run under bf16 autocast (Trainer's mixed precision), about twice as fast on CPUs with native bf16 and ~100×
+slower on CPUs that emulate it, so the default (``bf16=None``) decides from the hardware
+(`nlsr_hub.hardware.auto_bf16`). Texts are rendered with the tokenizer's chat template
 (a user turn, then the assistant turn), exactly as `nlsr_hub.evaluation.generate_responses` renders prompts;
 the loss covers response tokens only.
 """
@@ -21,11 +22,12 @@ from typing import Any
 
 import torch
 
+from ..adapters import LLAMA_TARGETS as TARGETS
+
 logger = logging.getLogger(__name__)
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PREFERENCE_METHODS = ("dpo", "orpo", "kto", "simpo")
 METHODS = ("sft", *PREFERENCE_METHODS)
 
@@ -41,10 +43,16 @@ class TrainSettings:
     rank: int = 16
     alpha: int = 32
     warmup: float = 0.1
-    bf16: bool = True
+    bf16: bool | None = None  # None: bf16 mixed precision only where the hardware has it (`hardware.auto_bf16`)
     seed: int = 0
     beta: float = 0.1  # preference methods' beta (DPO, ORPO's lambda, KTO, SimPO)
     max_steps: int = -1
+
+    def __post_init__(self) -> None:
+        if self.bf16 is None:  # resolved here, so cache keys name the precision that actually trained
+            from ..hardware import auto_bf16
+
+            object.__setattr__(self, "bf16", auto_bf16())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,13 +67,10 @@ def _assistant(text: str) -> list[dict[str, str]]:
 
 
 def load_model(path: str | Path) -> tuple[Any, Any]:
-    """fp32 causal LM and its tokenizer (pad = eos when the tokenizer has no pad token)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """fp32 causal LM for training (no KV cache) and its tokenizer (pad = eos when the tokenizer has none)."""
+    from ..modeling import load_base_model
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    model, tokenizer = load_base_model(str(path))
     model.config.use_cache = False
     return model, tokenizer
 

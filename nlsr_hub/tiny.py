@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 
+from .adapters import LLAMA_TARGETS as TARGETS
 from .calibration import default_calibration
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_DAMAGED = ("model.layers.1.self_attn.v_proj", "model.layers.1.mlp.down_proj", "model.layers.0.self_attn.o_proj")
 
 

@@ -1,0 +1,88 @@
+"""Exact and truncated LoRA algebra: sums of LoRA updates by concatenation, and dense corrections re-factorised.
+
+``Σ_i c_i·s_i·B_i·A_i`` is the exact LoRA ``B = [c_1·(s_1/s)·B_1 | …]``, ``A = [A_1 ; …]`` at scale ``s``. A dense
+correction (an element-masked update, not low-rank) is re-factorised by truncated SVD, the rank chosen by the
+share of squared singular values kept, with its relative Frobenius error reported (PEFT's ``intruders`` surgery and
+mergekit's LoRA extraction work the same way). All pure functions over tensors, float32 inside.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .adapters import LoraModule
+
+
+def combine(terms: Sequence[tuple[float, LoraModule]], *, scale: float, dtype_A: torch.dtype, dtype_B: torch.dtype
+            ) -> LoraModule:
+    """The exact LoRA of ``Σ c·ΔW(module)`` over `terms` ``(c, module)`` at `scale` (rank = the sum of ranks).
+    Terms with ``c == 0`` are dropped."""
+    kept = [(c, m) for c, m in terms if c != 0.0]
+    if not kept:
+        raise ValueError("`combine` needs at least one term with a non-zero coefficient.")
+    A = torch.cat([m.A.to(torch.float32) for _, m in kept], dim=0)
+    B = torch.cat([m.B.to(torch.float32) * (c * m.scale / scale) for c, m in kept], dim=1)
+    return LoraModule(A.to(dtype_A), B.to(dtype_B), scale)
+
+
+def row_masked(module: LoraModule, rows: torch.Tensor, *, keep: bool = True) -> LoraModule:
+    """The module with its update restricted to the output rows where `rows` (d_out bool) is `keep`."""
+    selector = rows if keep else ~rows
+    B = module.B.to(torch.float32) * selector.reshape(-1, 1).to(torch.float32)
+    return LoraModule(module.A, B.to(module.B.dtype), module.scale)
+
+
+@dataclass(frozen=True)
+class Factorised:
+    """A truncated SVD of a dense matrix: ``U·diag(S)·Vh`` of rank k, and its relative Frobenius error."""
+
+    B: torch.Tensor  # (d_out, k) = U·diag(S)
+    A: torch.Tensor  # (k, d_in) = Vh
+    error: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+
+def kept_rank(singular_values: torch.Tensor, kept_energy: float, max_rank: int | None = None) -> int:
+    """The smallest k whose first k squared singular values hold `kept_energy` of the total (at least 1)."""
+    energy = singular_values.to(torch.float64) ** 2
+    total = float(energy.sum())
+    if total == 0.0:
+        return 0
+    cumulative = torch.cumsum(energy, 0) / total
+    k = int(torch.searchsorted(cumulative, torch.tensor(kept_energy, dtype=torch.float64) - 1e-12)) + 1
+    k = min(k, singular_values.numel())
+    return max(1, min(k, max_rank)) if max_rank is not None else max(1, k)
+
+
+def truncated_svd(matrix: torch.Tensor, kept_energy: float, max_rank: int | None = None) -> Factorised:
+    """`matrix` ≈ ``B·A`` keeping `kept_energy` of its squared Frobenius norm (float32, deterministic)."""
+    if not 0.0 < kept_energy <= 1.0 or math.isnan(kept_energy):
+        raise ValueError(f"`kept_energy` must lie in (0, 1] (got {kept_energy}).")
+    dense = matrix.to(torch.float32)
+    U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
+    k = kept_rank(S, kept_energy, max_rank)
+    if k == 0:  # a zero correction: a rank-1 zero factor keeps the adapter well-formed
+        return Factorised(torch.zeros(dense.shape[0], 1), torch.zeros(1, dense.shape[1]), 0.0)
+    total = float((S.to(torch.float64) ** 2).sum())
+    rest = float((S[k:].to(torch.float64) ** 2).sum())
+    return Factorised(U[:, :k] * S[:k], Vh[:k].contiguous(), math.sqrt(rest / total) if total else 0.0)
+
+
+def add_dense(module: LoraModule, correction: torch.Tensor, kept_energy: float, max_rank: int | None = None
+              ) -> tuple[LoraModule, Factorised]:
+    """``ΔW(module) + correction`` as a LoRA: the module's own factors exactly, the correction by truncated SVD
+    (rank ``r + k``; the error is the correction's, relative to the correction)."""
+    fact = truncated_svd(correction, kept_energy, max_rank)
+    A = torch.cat([module.A.to(torch.float32), fact.A], dim=0)
+    B = torch.cat([module.B.to(torch.float32), fact.B / module.scale], dim=1)
+    return LoraModule(A.to(module.A.dtype), B.to(module.B.dtype), module.scale), fact
+
+
+__all__ = ["Factorised", "add_dense", "combine", "kept_rank", "row_masked", "truncated_svd"]

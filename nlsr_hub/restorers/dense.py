@@ -1,0 +1,121 @@
+"""Activation-aware restorers on the dense update ``ΔW = s·B·A``, one module at a time.
+
+Per module: the reference's dense update ``ΔW_e`` is scored Wanda-style, ``|ΔW_e| ⊙ ‖x_j‖`` with ``‖x_j‖`` the norm
+of input feature j over the calibration's response tokens (from the safety patch); the mask M keeps the top
+``1 − P_SR`` entries (``granularity='element'``) or output rows (``'row'``: rows ranked by their summed score).
+The similarity is ``cos_F(M⊙ΔW_e, M⊙ΔW_t)``; modules are selected from it as in NLSR (`selection`). Then:
+
+- ``nlsr-dense`` transplants: ``ΔW'' = ΔW_t + M⊙(ΔW_e − ΔW_t)`` (masked entries become the reference's);
+- ``nlsr-addback`` adds: ``ΔW'' = ΔW_t + λ·M⊙ΔW_e`` (the reference's safety-critical part added back).
+
+At row granularity the result is an exact LoRA of rank r_t + r_e. At element granularity the correction is
+re-factorised by truncated SVD (`kept_energy`), appended to the fine-tuned factors; each module's rank and the
+correction's relative error are recorded in the plan. Never more than one module's d_out × d_in is in memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..adapters import LoraAdapter, LoraModule
+from ..config import NLSRConfig
+from ..lowrank import add_dense, combine, row_masked
+from ..masks import top_fraction_mask
+from ..plan import plan_realignment, with_outcomes
+from . import RestoreInputs, register_restorer
+
+
+def dense_scores(reference: LoraModule, input_norm: torch.Tensor) -> torch.Tensor:
+    """``|ΔW_e| ⊙ ‖x_j‖`` (d_out × d_in, float32)."""
+    return reference.delta().abs() * input_norm.to(torch.float32).reshape(1, -1)
+
+
+def dense_mask(reference: LoraModule, input_norm: torch.Tensor, sparsity_ratio: float, granularity: str
+               ) -> torch.Tensor:
+    """The safety-critical mask: (d_out × d_in) bool at element granularity, (d_out,) rows at row granularity."""
+    scores = dense_scores(reference, input_norm)
+    keep = 1.0 - sparsity_ratio
+    if granularity == "row":
+        return top_fraction_mask(scores.to(torch.float64).sum(dim=1), keep)
+    return top_fraction_mask(scores, keep)
+
+
+def _expand(mask: torch.Tensor) -> torch.Tensor:
+    return mask.reshape(-1, 1) if mask.ndim == 1 else mask
+
+
+def masked_cosine(reference: LoraModule, finetuned: LoraModule, mask: torch.Tensor) -> float:
+    """``cos_F(M⊙ΔW_e, M⊙ΔW_t)`` in float64 (1 when both masked updates are zero, 0 when one is)."""
+    m = _expand(mask).to(torch.float64)
+    e, t = reference.delta().to(torch.float64) * m, finetuned.delta().to(torch.float64) * m
+    ne, nt = float(e.norm()), float(t.norm())
+    if ne == 0.0 and nt == 0.0:
+        return 1.0
+    if ne == 0.0 or nt == 0.0:
+        return 0.0
+    return max(-1.0, min(1.0, float((e * t).sum()) / (ne * nt)))
+
+
+def _mask_counts(mask: torch.Tensor, shape: tuple[int, int]) -> tuple[int, int]:
+    return int(mask.sum()), (shape[0] if mask.ndim == 1 else shape[0] * shape[1])
+
+
+def _restore_module(reference: LoraModule, finetuned: LoraModule, mask: torch.Tensor, operation: str,
+                    config: NLSRConfig) -> tuple[LoraModule, float | None]:
+    """One selected module realigned (and the re-factorisation error at element granularity)."""
+    dtypes = {"scale": finetuned.scale, "dtype_A": finetuned.A.dtype, "dtype_B": finetuned.B.dtype}
+    if mask.ndim == 1:  # rows: exact
+        if operation == "transplant":
+            return combine([(1.0, row_masked(finetuned, mask, keep=False)), (1.0, row_masked(reference, mask))],
+                           **dtypes), None
+        return combine([(1.0, finetuned), (config.strength, row_masked(reference, mask))], **dtypes), None
+    if operation == "transplant":
+        correction = mask * (reference.delta() - finetuned.delta())
+    else:
+        correction = mask * (config.strength * reference.delta())
+    module, fact = add_dense(finetuned, correction, config.kept_energy)
+    return module, fact.error
+
+
+def _restore_dense(inputs: RestoreInputs, config: NLSRConfig, build: bool, operation: str) -> tuple[Any, Any]:
+    from ..patch import check_compatible_modules
+
+    patch, target = inputs.patch, inputs.finetuned
+    if not patch.input_norms:
+        raise ValueError(f"Restorer {config.restorer!r} weighs the reference by input-activation norms, and this "
+                         "safety patch has none: build it with an activation scorer (`scorer='low_rank'` or 'wanda').")
+    check_compatible_modules(patch.reference, target, granularity="row", restoration="neuron")
+    granularity = config.granularity
+    sims, counts = {}, {}
+    for name in sorted(target.modules):
+        reference = patch.reference.modules[name]
+        mask = dense_mask(reference, patch.input_norms[name], config.sparsity_ratio, granularity)
+        sims[name] = masked_cosine(reference, target.modules[name], mask)
+        counts[name] = _mask_counts(mask, reference.shape)
+    plan = plan_realignment(sims, counts, config, inputs=inputs.lineage, calibration=inputs.calibration)
+    if not build:
+        return plan, None
+    modules, ranks, errors = dict(target.modules), {}, {}
+    for name in plan.patched:
+        reference = patch.reference.modules[name]
+        mask = dense_mask(reference, patch.input_norms[name], config.sparsity_ratio, granularity)
+        modules[name], error = _restore_module(reference, target.modules[name], mask, operation, config)
+        ranks[name] = modules[name].rank
+        if error is not None:
+            errors[name] = error
+    adapter = LoraAdapter(modules=modules, config=dict(target.config), extra_tensors=dict(target.extra_tensors))
+    return with_outcomes(plan, ranks, errors), adapter
+
+
+@register_restorer("nlsr-dense", needs="patch", knob="fraction")
+def restore_dense(inputs: RestoreInputs, config: NLSRConfig, *, build: bool = True) -> tuple[Any, Any]:
+    """Activation-aware transplant on the dense update: ``ΔW_t + M⊙(ΔW_e − ΔW_t)`` in the selected modules."""
+    return _restore_dense(inputs, config, build, "transplant")
+
+
+@register_restorer("nlsr-addback", needs="patch", knob="strength")
+def restore_dense_addback(inputs: RestoreInputs, config: NLSRConfig, *, build: bool = True) -> tuple[Any, Any]:
+    """The reference's safety-critical part added back: ``ΔW_t + λ·M⊙ΔW_e`` in the selected modules."""
+    return _restore_dense(inputs, config, build, "add")

@@ -1,0 +1,224 @@
+"""Every restorer of the registry against its dense definition on small adapters: exact where it is exact, the SVD
+error bound where it is not; untouched modules bit-identical; determinism; clear errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nlsr_hub import NLSRConfig, NLSRPatcher
+from nlsr_hub.adapters import LoraAdapter, LoraModule, load_adapter
+from nlsr_hub.lowrank import add_dense, combine, kept_rank, truncated_svd
+from nlsr_hub.masks import ModuleMask
+from nlsr_hub.restorers import RESTORERS, RestoreInputs, restore
+from nlsr_hub.restorers.dense import dense_mask, masked_cosine
+from nlsr_hub.safety_patch import SafetyPatch
+
+NAMES = [f"model.layers.{i}.mlp.{kind}" for i in range(3) for kind in ("up_proj", "down_proj")]
+
+
+def _adapter(seed: int, *, rank: int = 4, scale: float = 2.0, drift: LoraAdapter | None = None) -> LoraAdapter:
+    generator = torch.Generator().manual_seed(seed)
+    modules = {}
+    for i, name in enumerate(NAMES):
+        A, B = torch.randn(rank, 24, generator=generator), torch.randn(32, rank, generator=generator)
+        if drift is not None:  # resumed from `drift`: same basis plus a per-module change
+            A, B = drift.modules[name].A + 0.1 * (i + 1) * A, drift.modules[name].B + 0.1 * (i + 1) * B
+        modules[name] = LoraModule(A, B, scale)
+    return LoraAdapter(modules=modules, config={"r": rank, "lora_alpha": int(rank * scale)})
+
+
+def _patch(reference: LoraAdapter, seed: int = 7) -> SafetyPatch:
+    generator = torch.Generator().manual_seed(seed)
+    masks = {n: ModuleMask(A=torch.ones(m.A.shape, dtype=torch.bool), B=torch.ones(m.B.shape, dtype=torch.bool))
+             for n, m in reference.modules.items()}
+    norms = {n: torch.rand(m.shape[1], generator=generator) + 0.1 for n, m in reference.modules.items()}
+    return SafetyPatch(reference=reference, masks=masks, input_norms=norms)
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[LoraAdapter, LoraAdapter]:
+    aligned = _adapter(0)
+    return aligned, _adapter(1, drift=aligned)
+
+
+def _deltas(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
+    return {n: m.delta().double() for n, m in adapter.modules.items()}
+
+
+@pytest.mark.parametrize("strength", [0.0, 0.5, 1.5])
+def test_addback_and_interpolate_equal_their_dense_definitions(pair, strength):
+    aligned, finetuned = pair
+    inputs = RestoreInputs(finetuned=finetuned, aligned=aligned)
+    for name, expected in (("addback", lambda t, a: t + strength * a),
+                           ("interpolate", lambda t, a: t + strength * (a - t))):
+        plan, adapter = restore(inputs, NLSRConfig(restorer=name, strength=strength))
+        for module in NAMES:
+            want = expected(finetuned.modules[module].delta().double(), aligned.modules[module].delta().double())
+            assert torch.allclose(adapter.modules[module].delta().double(), want, atol=1e-5)
+        assert plan.num_patched == (0 if strength == 0.0 else len(NAMES))
+        assert plan.restorer == name
+    plan, adapter = restore(inputs, NLSRConfig(restorer="addback", strength=0.0))
+    assert adapter is finetuned  # nothing to do: the fine-tuned adapter itself
+
+
+def test_addback_rank_is_the_sum_and_the_plan_records_it(pair):
+    aligned, finetuned = pair
+    plan, adapter = restore(RestoreInputs(finetuned=finetuned, aligned=aligned), NLSRConfig(restorer="addback"))
+    assert all(m.rank == 8 for m in adapter.modules.values())
+    assert all(d.rank == 8 and d.error is None for d in plan.modules)
+
+
+def test_safelora_restorer_matches_the_safelora_function(pair):
+    from nlsr_hub.safelora import safelora
+
+    aligned, finetuned = pair
+    config = NLSRConfig(restorer="safelora", selection="fraction", fraction=0.5)
+    plan, adapter = restore(RestoreInputs(finetuned=finetuned, aligned=aligned), config)
+    expected, decisions = safelora(aligned, finetuned, lowest=3)
+    assert sorted(plan.patched) == sorted(d.name for d in decisions if d.projected)
+    for name in NAMES:
+        assert torch.equal(adapter.modules[name].B, expected.modules[name].B)
+
+
+def _dense_definition(reference: LoraModule, finetuned: LoraModule, norm: torch.Tensor, sparsity: float,
+                      granularity: str) -> torch.Tensor:
+    """The mask written out densely: top (1 - sparsity) of |dW_e| * ||x_j|| (entries, or rows by their sum)."""
+    scores = reference.delta().double().abs() * norm.double()[None, :]
+    keep = round((1 - sparsity) * (scores.shape[0] if granularity == "row" else scores.numel()))
+    if granularity == "row":
+        rows = torch.zeros(scores.shape[0], dtype=torch.bool)
+        rows[torch.argsort(scores.sum(1), descending=True, stable=True)[:keep]] = True
+        return rows[:, None].expand_as(scores)
+    flat = torch.zeros(scores.numel(), dtype=torch.bool)
+    flat[torch.argsort(scores.reshape(-1), descending=True, stable=True)[:keep]] = True
+    return flat.reshape(scores.shape)
+
+
+@pytest.mark.parametrize("granularity", ["row", "element"])
+@pytest.mark.parametrize("name", ["nlsr-dense", "nlsr-addback"])
+def test_dense_restorers_against_the_dense_definition(pair, granularity, name):
+    aligned, finetuned = pair
+    patch = _patch(aligned)
+    config = NLSRConfig(restorer=name, granularity=granularity, selection="fraction", fraction=0.5,
+                        sparsity_ratio=0.75, strength=1.5, kept_energy=1.0)
+    plan, adapter = restore(RestoreInputs(finetuned=finetuned, patch=patch), config)
+    assert plan.num_patched == 3
+    for module in NAMES:
+        ref, ft = aligned.modules[module], finetuned.modules[module]
+        mask = _dense_definition(ref, ft, patch.input_norms[module], 0.75, granularity)
+        got_mask = dense_mask(ref, patch.input_norms[module], 0.75, granularity)
+        assert torch.equal(got_mask.reshape(-1, 1).expand_as(mask) if got_mask.ndim == 1 else got_mask, mask)
+        m = mask.double()
+        e, t = ref.delta().double(), ft.delta().double()
+        cosine = float((m * e * m * t).sum() / ((m * e).norm() * (m * t).norm()))
+        assert plan.decision(module).similarity == pytest.approx(cosine, abs=1e-9)
+        if not plan.decision(module).patched:
+            assert adapter.modules[module] is ft  # untouched: the very same tensors
+            continue
+        want = t + m * (e - t) if name == "nlsr-dense" else t + 1.5 * m * e
+        assert torch.allclose(adapter.modules[module].delta().double(), want, atol=1e-4)
+        if granularity == "row":
+            assert plan.decision(module).rank == 8 and plan.decision(module).error is None
+        else:
+            assert plan.decision(module).error == pytest.approx(0.0, abs=1e-6)
+
+
+def test_element_refactorisation_error_is_bounded_by_the_kept_energy(pair):
+    aligned, finetuned = pair
+    config = NLSRConfig(restorer="nlsr-dense", granularity="element", selection="fraction", fraction=1.0,
+                        kept_energy=0.9)
+    plan, adapter = restore(RestoreInputs(finetuned=finetuned, patch=_patch(aligned)), config)
+    for module in NAMES:
+        ref, ft = aligned.modules[module], finetuned.modules[module]
+        mask = dense_mask(ref, _patch(aligned).input_norms[module], config.sparsity_ratio, "element")
+        correction = mask * (ref.delta() - ft.delta())
+        got = adapter.modules[module].delta() - ft.delta()
+        relative = float((got - correction).norm() / correction.norm())
+        decision = plan.decision(module)
+        assert decision.error <= math.sqrt(0.1) + 1e-6  # kept >= 90 % of the energy
+        assert relative == pytest.approx(decision.error, abs=1e-4)
+        assert decision.rank < ft.rank + min(ref.shape)  # truncated, not full
+
+
+def test_truncated_svd_and_kept_rank():
+    singular = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    assert kept_rank(singular, 1.0) == 3
+    assert kept_rank(singular, 9 / 14) == 1
+    assert kept_rank(singular, 9 / 14 + 1e-6) == 2
+    matrix = torch.randn(20, 12, generator=torch.Generator().manual_seed(0))
+    exact = truncated_svd(matrix, 1.0)
+    assert torch.allclose(exact.B @ exact.A, matrix, atol=1e-5) and exact.error < 1e-6
+    with pytest.raises(ValueError, match="kept_energy"):
+        truncated_svd(matrix, 0.0)
+    module = LoraModule(torch.randn(2, 12), torch.randn(20, 2), 0.5)
+    out, fact = add_dense(module, torch.zeros(20, 12), 0.99)
+    assert fact.error == 0.0 and torch.allclose(out.delta(), module.delta())
+
+
+def test_combine_is_exact_and_drops_zero_terms():
+    a = LoraModule(torch.randn(2, 5), torch.randn(4, 2), 3.0)
+    b = LoraModule(torch.randn(3, 5), torch.randn(4, 3), 0.5)
+    out = combine([(1.0, a), (-2.0, b), (0.0, a)], scale=1.5, dtype_A=torch.float32, dtype_B=torch.float32)
+    assert out.rank == 5 and out.scale == 1.5
+    assert torch.allclose(out.delta(), a.delta() - 2.0 * b.delta(), atol=1e-5)
+
+
+def test_restorers_are_deterministic(pair):
+    aligned, finetuned = pair
+    patch = _patch(aligned)
+    for name in sorted(RESTORERS):
+        config = NLSRConfig(restorer=name, selection="fraction", fraction=0.5, granularity="row")
+        inputs = RestoreInputs(finetuned=finetuned, aligned=aligned, patch=patch)
+        (plan1, a1), (plan2, a2) = restore(inputs, config), restore(inputs, config)
+        assert plan1.to_json() == plan2.to_json()
+        for module in NAMES:
+            assert torch.equal(a1.modules[module].A, a2.modules[module].A)
+            assert torch.equal(a1.modules[module].B, a2.modules[module].B)
+
+
+def test_restorers_say_what_they_need(pair):
+    aligned, finetuned = pair
+    with pytest.raises(ValueError, match="needs the aligned adapter"):
+        restore(RestoreInputs(finetuned=finetuned, patch=_patch(aligned)), NLSRConfig(restorer="addback"))
+    with pytest.raises(ValueError, match="needs a safety patch"):
+        restore(RestoreInputs(finetuned=finetuned, aligned=aligned), NLSRConfig(restorer="nlsr-dense"))
+    bare = SafetyPatch(reference=aligned, masks=_patch(aligned).masks)
+    with pytest.raises(ValueError, match="input-activation norms"):
+        restore(RestoreInputs(finetuned=finetuned, patch=bare), NLSRConfig(restorer="nlsr-dense"))
+    with pytest.raises(ValueError, match="Unknown `restorer`"):
+        NLSRConfig(restorer="magic")
+    for field, value in (("strength", -1.0), ("strength", float("nan")), ("kept_energy", 0.0), ("beta", math.inf)):
+        with pytest.raises(ValueError, match=field):
+            NLSRConfig(**{field: value})
+
+
+def test_masked_cosine_edge_cases():
+    zero = LoraModule(torch.zeros(1, 3), torch.zeros(2, 1), 1.0)
+    one = LoraModule(torch.ones(1, 3), torch.ones(2, 1), 1.0)
+    rows = torch.tensor([True, False])
+    assert masked_cosine(zero, zero, rows) == 1.0
+    assert masked_cosine(one, zero, rows) == 0.0
+    assert masked_cosine(one, one, rows) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", ["addback", "nlsr-dense", "nlsr-addback", "interpolate"])
+def test_patcher_realigns_with_each_restorer_and_saves_a_loadable_adapter(trio, tmp_path, name):
+    """End to end on the tiny trio: the saved adapter loads with PEFT's rank/alpha patterns and equals the result."""
+    config = NLSRConfig(restorer=name, granularity="row", selection="fraction", fraction=0.5, strength=0.5,
+                        max_calibration_samples=4)
+    patcher = NLSRPatcher.from_pretrained(trio.base, aligned=trio.aligned, finetuned=trio.finetuned, config=config)
+    result = patcher.realign(progress=False)
+    out = result.save_pretrained(tmp_path / name)
+    loaded = load_adapter(out)
+    for module, original in result.adapter.modules.items():
+        assert torch.allclose(loaded.modules[module].delta(), original.delta(), atol=1e-6)
+    assert result.plan.restorer == name
+    assert (result.safety_patch is None) == (RESTORERS[name].needs == "aligned")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(trio.base), str(out))
+    assert model is not None
