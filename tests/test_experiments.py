@@ -311,3 +311,48 @@ def test_grid_preference_pairs_can_choose_refusals(fake_data, tmp_path):
     # other pairs -> a new preference adapter (and what depends on it); SFT and its attacks come from the cache
     assert "align-simpo" in second["stage_seconds"] and "align-sft" not in second["stage_seconds"]
     assert "attack-sft-sst2-p0.05" not in second["stage_seconds"]
+
+
+def test_head_to_head_on_the_tiny_pair(fake_data, tmp_path):
+    """Every point realigned and evaluated on the full (here: tiny) sets, the report and the bar written after each
+    point, and a re-run served from the cache."""
+    from nlsr_hub.experiments import run_head_to_head
+    from nlsr_hub.experiments.evaluate import EvalSettings
+    from nlsr_hub.experiments.headtohead import HeadToHeadSettings, Sweep
+
+    settings = HeadToHeadSettings(
+        pair=dataclasses.replace(TINY, focus_only=True), methods=("sft",),
+        eval=EvalSettings(advbench=None, beavertails=None, harmless=3, hs_new_tokens=4, fa={"sst2": None},
+                          batch_size=4),
+        sweeps=(Sweep("addback", "addback", "strength", (0.5, 1.0)),
+                Sweep("nlsr-addback", "nlsr-addback", "strength", (1.0,),
+                      {"granularity": "row", "selection": "fraction", "fraction": 1.0})))
+    kwargs = {"data": fake_data, "cache": tmp_path / "cache", "harmless_source": fake_data / "nq.jsonl",
+              "calibration_source": fake_data / "many_shot.json", "progress": False}
+    seen = []
+    results = run_head_to_head(settings, out=tmp_path / "out", on_point=seen.append, **kwargs)
+    points = [r["point"] for r in results["rows"]]
+    assert points == ["fine-tuned", "reference (EXPO)", "default", "addback strength=0.5", "addback strength=1",
+                      "nlsr-addback strength=1"]
+    assert [r["point"] for r in seen] == points
+    # the full evaluation sets: every AdvBench prompt not used in alignment, every BeaverTails prompt, all SST-2
+    assert results["sizes"] == {"harmful_eval": {"advbench": len(HARMFUL) - 6, "beavertails": 4},
+                                "harmless_eval": 3, "sst2": 5}
+    rows = {r["point"]: r for r in results["rows"]}
+    assert rows["addback strength=0.5"]["restorer"] == "addback" and rows["addback strength=0.5"]["patched"] == "14/14"
+    for row in results["rows"]:
+        assert row["mean_nonrefusal"] == pytest.approx((row["hs_advbench"] + row["hs_beavertails"]) / 2)
+        assert row["fa_paired"]["lost"] - row["fa_paired"]["won"] == pytest.approx(
+            (rows["fine-tuned"]["fa_sst2"] - row["fa_sst2"]) * 5 / 100)
+    check = results["bar"]["sft"]
+    assert check["default"] == "nlsr" and isinstance(check["met"], bool)
+    assert set(check) >= {"relative_cut", "fa_change", "over_refusal_change", "better_at_equal_fa"}
+    for name in ("results.json", "results.md", "pareto.png"):
+        assert (tmp_path / "out" / name).is_file()
+    assert "Bar" in (tmp_path / "out" / "results.md").read_text()
+    again = run_head_to_head(settings, out=tmp_path / "again", **kwargs)
+    assert [strip(r) for r in again["rows"]] == [strip(r) for r in results["rows"]]
+
+
+def strip(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "seconds"}

@@ -1,0 +1,62 @@
+"""The restorers' head-to-head on fixed adapters: one command, results under ``results/restorers/``.
+
+    .venv/bin/python benchmarks/restorers.py                     # SFT-aligned demo pair (the bar)
+    .venv/bin/python benchmarks/restorers.py --methods sft,dpo   # plus a DPO pair with refusal-chosen pairs
+
+Every restorer of `nlsr_hub.restorers` is swept over its main knob (`nlsr_hub.experiments.headtohead.SWEEPS`);
+each point is realigned and evaluated once and cached under the nlsr cache, so an interrupted run resumes and a
+re-run only rewrites the report. Prints every point as it lands and the bar at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("results/restorers"), help="results folder")
+    parser.add_argument("--methods", default="sft", help="aligned pairs: sft, and optionally dpo / simpo (comma list)")
+    parser.add_argument("--data", type=Path, help="benchmark data folder (default $NLSR_DATA or ../shared/data)")
+    parser.add_argument("--cache", type=Path, help="nlsr cache (default $NLSR_CACHE or ~/.cache/nlsr-hub)")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("NLSR_THREADS", "0") or 0))
+    parser.add_argument("--no-reference", action="store_true", help="skip evaluating the EXPO reference itself")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from nlsr_hub.experiments import DataMissing, run_head_to_head, stage_log
+    from nlsr_hub.experiments.headtohead import HeadToHeadSettings
+
+    settings = dataclasses.replace(HeadToHeadSettings(), methods=tuple(m.strip() for m in args.methods.split(",")),
+                                   evaluate_reference=not args.no_reference)
+    command = "python benchmarks/restorers.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    def show(row: dict) -> None:
+        print(f"{row['method']:>5} {row['point']:<38} mean non-refusal {row['mean_nonrefusal']:5.1f} "
+              f"(AdvBench {row['hs_advbench']:5.1f}, BeaverTails {row['hs_beavertails']:5.1f})  "
+              f"FA {row['fa_sst2']:5.1f}"
+              f"  over-refusal {row['over_refusal']:4.1f}  [{row['seconds']:.0f} s]", flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    with stage_log(args.out / "restorers.log"):
+        try:
+            results = run_head_to_head(settings, out=args.out, data=args.data, cache=args.cache,
+                                       progress=not args.no_progress, command=command.strip(), on_point=show)
+        except DataMissing as err:
+            print(f"benchmark data missing: {err}", file=sys.stderr)
+            return 2
+    print(json.dumps(results["bar"], indent=1))
+    print(f"results written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,169 @@
+"""The restorers' head-to-head: every restorer of the registry swept over its main knob on fixed adapters.
+
+The adapters are the demo's (SmolLM2-135M-Instruct, SFT-aligned, SST-2 attack with p = 0.05, resumed from the
+aligned adapter; optionally a preference-aligned pair the same way), built by the same cached stages as
+``nlsr demo``. The evaluation sets are larger than the demo's so that methods separate: every AdvBench prompt not
+used in alignment and every BeaverTails prompt (non-refusal rate, keyword judge), 100 held-out harmless NQ
+questions (over-refusal) and all 872 SST-2 validation rows (FA; differences are paired on the same rows). The
+calibration prompts exclude every evaluation prompt. Each point is cached, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import NLSRConfig
+from ..hardware import machine
+from .cache import Stages, load_json
+from .data import data_root
+from .evaluate import EvalSettings
+from .grid import align_all
+from .presets import DEMO
+from .settings import GridSettings
+from .smollm import cache_root
+from .stages import (
+    Context,
+    attack,
+    base_model,
+    calibrate,
+    check_data,
+    evaluate,
+    harmless_answers,
+    load_data,
+    realign,
+    reference,
+)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One restorer swept over one knob: `overrides` fix its other settings (a `NLSRConfig` field each)."""
+
+    label: str
+    restorer: str
+    knob: str
+    values: tuple[float, ...]
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    def configs(self, seed: int, base: Mapping[str, Any]) -> list[tuple[str, NLSRConfig]]:
+        return [(f"{self.label} {self.knob}={v:g}", NLSRConfig(**{"seed": seed, **base, **self.overrides,
+                                                                  "restorer": self.restorer, self.knob: v}))
+                for v in self.values]
+
+
+# ordered by what each point teaches: the paper's default and the add-back baseline first
+SWEEPS = (
+    Sweep("nlsr (paper)", "nlsr", "prune_ratio", (0.5, 0.3)),
+    Sweep("addback", "addback", "strength", (0.5, 1.0, 1.5)),
+    Sweep("nlsr-addback (rows)", "nlsr-addback", "strength", (1.0, 2.0),
+          {"granularity": "row", "selection": "fraction", "fraction": 1.0}),
+    Sweep("nlsr-dense (rows)", "nlsr-dense", "fraction", (0.5, 1.0), {"granularity": "row", "selection": "fraction"}),
+    Sweep("safelora", "safelora", "fraction", (0.5, 1.0), {"selection": "fraction"}),
+    Sweep("interpolate", "interpolate", "strength", (0.25, 0.5)),
+)
+
+HEAD_TO_HEAD_EVAL = EvalSettings(advbench=None, beavertails=None, harmless=100, hs_new_tokens=40, fa={"sst2": None},
+                                 batch_size=32)
+
+
+@dataclass(frozen=True)
+class HeadToHeadSettings:
+    """The pair to realign (`pair`: the demo preset's sizes), the evaluation sizes and the sweeps."""
+
+    pair: GridSettings = DEMO
+    methods: tuple[str, ...] = ("sft",)
+    preference_chosen: str = "refusal"
+    eval: EvalSettings = HEAD_TO_HEAD_EVAL
+    sweeps: tuple[Sweep, ...] = SWEEPS
+    evaluate_reference: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pair": self.pair.to_dict(), "methods": list(self.methods), "preference_chosen": self.preference_chosen,
+                "eval": self.eval.to_dict(), "sweeps": [dataclasses.asdict(s) for s in self.sweeps],
+                "evaluate_reference": self.evaluate_reference}
+
+
+def mean_nonrefusal(row: Mapping[str, Any]) -> float:
+    """The mean of the AdvBench and BeaverTails non-refusal rates (each set weighs the same)."""
+    return (row["hs_advbench"] + row["hs_beavertails"]) / 2.0
+
+
+def paired_fa(finetuned_eval: Path, other_eval: Path) -> dict[str, int]:
+    """SST-2 rows the fine-tuned adapter gets right and the other wrong (``lost``) and the reverse (``won``)."""
+    a = load_json(finetuned_eval / "eval.json")["items"]["sst2"]
+    b = load_json(other_eval / "eval.json")["items"]["sst2"]
+    lost = sum(x["correct"] and not y["correct"] for x, y in zip(a, b, strict=True))
+    won = sum(y["correct"] and not x["correct"] for x, y in zip(a, b, strict=True))
+    return {"lost": lost, "won": won}
+
+
+def run_head_to_head(settings: HeadToHeadSettings = HeadToHeadSettings(), *, out: str | Path,
+                     data: str | Path | None = None, cache: str | Path | None = None, progress: bool = True,
+                     command: str | None = None, on_point: Any = None, harmless_source: str | Path | None = None,
+                     calibration_source: str | Path | None = None) -> dict[str, Any]:
+    """Run (or resume) the head-to-head and write ``results.json``, ``results.md`` and ``pareto.png`` into `out`
+    after every point (so a partial run is readable); `on_point(row)` is called as each point lands. The sources
+    replace the registry wheels' NQ-open questions and PyRIT prompts (as in `run_grid`). Returns the results."""
+    from .restorers_report import write_head_to_head
+
+    started = time.perf_counter()
+    root = data_root(data)
+    cache_dir = Path(cache) if cache is not None else cache_root()
+    pair = dataclasses.replace(settings.pair, methods=settings.methods, preference_chosen=settings.preference_chosen)
+    check_data(pair, root)
+    stages = Stages(cache_dir / "experiments")
+    pair_ctx = Context(pair, stages, root, progress)
+    eval_settings = dataclasses.replace(pair, eval=settings.eval)
+    ctx = Context(eval_settings, stages, root, progress)
+    sources = {"harmless_source": Path(harmless_source) if harmless_source else None,
+               "calibration_source": Path(calibration_source) if calibration_source else None}
+    pair_data = load_data(pair, root, **sources)
+    eval_data = load_data(eval_settings, root, harmless_eval_from_end=True, **sources)
+    base = base_model(pair_ctx, cache_dir)
+    aligned = align_all(pair_ctx, base, pair_data, harmless_answers(pair_ctx, base, pair_data.train_questions))
+    results: dict[str, Any] = {"settings": settings.to_dict(), "command": command, "machine": machine(),
+                               "sizes": {"harmful_eval": {k: len(v) for k, v in eval_data.harmful_eval.items()},
+                                         "harmless_eval": len(eval_data.eval_harmless),
+                                         "sst2": len(eval_data.tasks["sst2"])},
+                               "default": NLSRConfig().to_dict(), "rows": []}
+    for method in settings.methods:
+        target = attack(pair_ctx, method, aligned[method], "sst2", 0.05)
+        ref = reference(pair_ctx, method, aligned[method], float(pair.nlsr.get("beta", NLSRConfig().beta)))
+        rows, calib_key, info = calibrate(ctx, method, aligned[method], ref, eval_data.many_shot)
+        results.setdefault("calibration", {})[method] = info
+        points = [("fine-tuned", None, target)]
+        if settings.evaluate_reference:
+            points.append(("reference (EXPO)", None, ref))
+        points += [("default", NLSRConfig(seed=pair.seed, **pair.nlsr), None)]
+        points += [p for sweep in settings.sweeps for p in
+                   ((label, config, None) for label, config in sweep.configs(pair.seed, pair.nlsr))]
+        finetuned_row = None
+        for label, config, model in points:
+            t0 = time.perf_counter()
+            row: dict[str, Any] = {"method": method, "point": label}
+            if config is not None:
+                out_model = realign(ctx, method, config.restorer, config, aligned[method], ref, (rows, calib_key),
+                                    {"sst2-p0.05": target})["sst2-p0.05"]
+                model = out_model.model
+                row.update(restorer=config.restorer, config=config.to_dict(),
+                           patched=f"{out_model.summary['modules_patched']}/{out_model.summary['modules_total']}")
+            row.update(evaluate(ctx, eval_data, model, ["sst2"]))
+            row["mean_nonrefusal"] = mean_nonrefusal(row)
+            if finetuned_row is None:
+                finetuned_row = row
+            row["fa_paired"] = paired_fa(Path(finetuned_row["eval_dir"]), Path(row["eval_dir"]))
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            results["rows"].append(row)
+            results["wall_seconds"] = round(time.perf_counter() - started, 1)
+            write_head_to_head(results, out)
+            if on_point is not None:
+                on_point(row)
+    return results
+
+
+__all__ = ["HEAD_TO_HEAD_EVAL", "SWEEPS", "HeadToHeadSettings", "Sweep", "mean_nonrefusal", "run_head_to_head"]
