@@ -332,8 +332,8 @@ def test_head_to_head_on_the_tiny_pair(fake_data, tmp_path):
     seen = []
     results = run_head_to_head(settings, out=tmp_path / "out", on_point=seen.append, **kwargs)
     points = [r["point"] for r in results["rows"]]
-    assert points == ["fine-tuned", "reference (EXPO)", "default", "addback strength=0.5", "addback strength=1",
-                      "nlsr-addback strength=1"]
+    assert points == ["fine-tuned", "default", "addback strength=0.5", "nlsr-addback strength=1", "addback strength=1",
+                      "reference (EXPO)"]  # round-robin over the sweeps, the reference last
     assert [r["point"] for r in seen] == points
     # the full evaluation sets: every AdvBench prompt not used in alignment, every BeaverTails prompt, all SST-2
     assert results["sizes"] == {"harmful_eval": {"advbench": len(HARMFUL) - 6, "beavertails": 4},
@@ -356,3 +356,17 @@ def test_head_to_head_on_the_tiny_pair(fake_data, tmp_path):
 
 def strip(row: dict) -> dict:
     return {k: v for k, v in row.items() if k != "seconds"}
+
+
+def test_bf16_only_where_the_hardware_has_it():
+    from nlsr_hub.hardware import bf16_decision
+
+    use, reason = bf16_decision(cuda=False, cuda_bf16=False, flags={"avx2", "fma"})
+    assert not use and "no native bf16" in reason
+    use, reason = bf16_decision(cuda=False, cuda_bf16=False, flags={"avx2", "avx512_bf16"})
+    assert use and "avx512_bf16" in reason
+    assert bf16_decision(cuda=False, cuda_bf16=False, flags={"amx_bf16"})[0]
+    assert bf16_decision(cuda=True, cuda_bf16=True, flags=set())[0]
+    assert not bf16_decision(cuda=True, cuda_bf16=False, flags={"avx512_bf16"})[0]
+    # the default settings resolve the choice once, so a cache key names the precision that trained
+    assert TrainSettings().bf16 in (True, False) and TrainSettings(bf16=False).bf16 is False

@@ -56,16 +56,23 @@ class Sweep:
                 for v in self.values]
 
 
-# ordered by what each point teaches: the paper's default and the add-back baseline first
+# Points run round-robin over the sweeps (each sweep's first value, then each one's second, ...), so a partial
+# run covers every restorer; values are listed in the order they teach most, not numerically.
 SWEEPS = (
     Sweep("nlsr (paper)", "nlsr", "prune_ratio", (0.5, 0.3)),
-    Sweep("addback", "addback", "strength", (0.5, 1.0, 1.5)),
-    Sweep("nlsr-addback (rows)", "nlsr-addback", "strength", (1.0, 2.0),
+    Sweep("addback", "addback", "strength", (1.0, 1.5, 0.5)),
+    Sweep("nlsr-addback (rows)", "nlsr-addback", "strength", (2.0, 1.0, 3.0),
           {"granularity": "row", "selection": "fraction", "fraction": 1.0}),
-    Sweep("nlsr-dense (rows)", "nlsr-dense", "fraction", (0.5, 1.0), {"granularity": "row", "selection": "fraction"}),
+    Sweep("nlsr-dense (rows)", "nlsr-dense", "fraction", (1.0, 0.5), {"granularity": "row", "selection": "fraction"}),
     Sweep("safelora", "safelora", "fraction", (0.5, 1.0), {"selection": "fraction"}),
-    Sweep("interpolate", "interpolate", "strength", (0.25, 0.5)),
+    Sweep("interpolate", "interpolate", "strength", (0.5, 0.25)),
 )
+
+
+def round_robin(sweeps: tuple[Sweep, ...], seed: int, base: Mapping[str, Any]) -> list[tuple[str, NLSRConfig]]:
+    """Every sweep's points, interleaved: the first value of each sweep, then the second of each, and so on."""
+    lists = [sweep.configs(seed, base) for sweep in sweeps]
+    return [lst[i] for i in range(max(map(len, lists), default=0)) for lst in lists if i < len(lst)]
 
 HEAD_TO_HEAD_EVAL = EvalSettings(advbench=None, beavertails=None, harmless=100, hs_new_tokens=40, fa={"sst2": None},
                                  batch_size=32)
@@ -136,12 +143,11 @@ def run_head_to_head(settings: HeadToHeadSettings = HeadToHeadSettings(), *, out
         ref = reference(pair_ctx, method, aligned[method], float(pair.nlsr.get("beta", NLSRConfig().beta)))
         rows, calib_key, info = calibrate(ctx, method, aligned[method], ref, eval_data.many_shot)
         results.setdefault("calibration", {})[method] = info
-        points = [("fine-tuned", None, target)]
-        if settings.evaluate_reference:
-            points.append(("reference (EXPO)", None, ref))
+        points: list[tuple[str, NLSRConfig | None, Any]] = [("fine-tuned", None, target)]
         points += [("default", NLSRConfig(seed=pair.seed, **pair.nlsr), None)]
-        points += [p for sweep in settings.sweeps for p in
-                   ((label, config, None) for label, config in sweep.configs(pair.seed, pair.nlsr))]
+        points += [(label, config, None) for label, config in round_robin(settings.sweeps, pair.seed, pair.nlsr)]
+        if settings.evaluate_reference:  # the ceiling of what a transplant can restore: last, it teaches least
+            points.append(("reference (EXPO)", None, ref))
         finetuned_row = None
         for label, config, model in points:
             t0 = time.perf_counter()
