@@ -46,21 +46,48 @@ def _layer_table(plan: RealignmentPlan) -> list[str]:
     return rows
 
 
+NLSR_INTRO = (
+    "This LoRA adapter was realigned with [nlsr-hub](https://github.com/nlsr-hub/nlsr-hub), an implementation of NLSR "
+    "(Neuron-Level Safety Realignment, Yi et al., AAAI 2025, arXiv:2412.12497): the safety-critical neurons of a "
+    "safety reference (the aligned adapter, EXPO-extrapolated) were transplanted, without training, into the modules "
+    "whose similarity to the reference dropped during fine-tuning."
+)
+STRENGTH_RESTORERS = ("addback", "interpolate", "nlsr-addback")
+SIMILARITY = {
+    "nlsr": "masked Frobenius cosine to the reference",
+    "nlsr-dense": "activation-masked cosine of the dense updates",
+    "nlsr-addback": "activation-masked cosine of the dense updates",
+    "addback": "cosine of the fine-tuned and aligned updates",
+    "interpolate": "cosine of the fine-tuned and aligned updates",
+    "safelora": "Safe LoRA's cosine of the projected and fine-tuned updates",
+}
+
+
+def _intro(plan: RealignmentPlan) -> str:
+    if plan.restorer == "nlsr":
+        return NLSR_INTRO
+    from .restorers import RESTORERS
+
+    restorer = RESTORERS.get(plan.restorer)
+    what = restorer.description if restorer is not None else plan.restorer
+    return (f"This LoRA adapter was realigned without training by [nlsr-hub](https://github.com/nlsr-hub/nlsr-hub) "
+            f"with its restorer `{plan.restorer}`: {what}")
+
+
 def _section(plan: RealignmentPlan, base_model: str | None, repo_id: str | None, with_plot: bool) -> str:
     summary = plan.summary()
-    restoration = "swap" if plan.config.get("compat") else plan.config.get("restoration")
     lines = [
         BEGIN, "",
-        "## NLSR safety realignment", "",
-        "This LoRA adapter was realigned with [nlsr-hub](https://github.com/nlsr-hub/nlsr-hub), an implementation "
-        "of NLSR (Neuron-Level Safety Realignment, Yi et al., AAAI 2025, arXiv:2412.12497): the safety-critical "
-        "neurons of a safety reference (the aligned adapter, EXPO-extrapolated) were transplanted, without "
-        "training, into the modules whose similarity to the reference dropped during fine-tuning.", "",
+        "## Training-free safety realignment", "",
+        _intro(plan), "",
         "### Summary", "",
+        f"- restorer `{plan.restorer}`" + (f", strength {plan.config.get('strength')}"
+                                           if plan.restorer in STRENGTH_RESTORERS else ""),
         f"- modules patched: **{summary['modules_patched']} / {summary['modules_total']}**",
         f"- neurons restored: **{summary['neurons_restored']}**",
-        f"- mean masked similarity to the reference: {summary['mean_similarity']:.4f}",
-        f"- scorer `{plan.scorer}`, selection `{plan.config.get('selection')}`, restoration `{restoration}`", "",
+        f"- mean similarity ({SIMILARITY.get(plan.restorer, SIMILARITY['nlsr'])}): {summary['mean_similarity']:.4f}",
+        f"- scorer `{plan.scorer}`, selection `{plan.config.get('selection')}`, restoration "
+        f"`{plan.effective_restoration}`", "",
         "### Lineage", "", *_lineage_rows(dict(plan.inputs)), "",
     ]
     calibration = dict(plan.calibration)

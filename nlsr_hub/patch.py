@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 
 from .adapters import AdapterError, LoraAdapter, LoraModule
-from .config import NLSRConfig
 from .masks import ModuleMask
 from .plan import RealignmentPlan
 from .safety_patch import SafetyPatch
@@ -105,7 +104,7 @@ def apply_plan(
 ) -> LoraAdapter:
     """The realigned adapter: `plan`'s patched modules restored from `patch`, every other module unchanged.
     `checked=True` skips the compatibility check the caller already made."""
-    restoration = restoration or NLSRConfig.from_dict(dict(plan.config)).effective_restoration
+    restoration = restoration or plan.effective_restoration
     if not checked:
         check_compatible(patch, finetuned, restoration=restoration)
     modules: dict[str, LoraModule] = dict(finetuned.modules)

@@ -55,6 +55,11 @@ class RealignmentPlan:
         return str(self.config.get("scorer"))
 
     @property
+    def effective_restoration(self) -> str:
+        """How NLSR restored the patched modules (the published code's `compat` always swaps factors)."""
+        return "swap" if self.config.get("compat") else str(self.config.get("restoration"))
+
+    @property
     def restorer(self) -> str:
         """The restorer that made the plan (plans written before the registry existed were all ``nlsr``)."""
         return str(self.config.get("restorer", "nlsr"))

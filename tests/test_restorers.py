@@ -216,6 +216,8 @@ def test_patcher_realigns_with_each_restorer_and_saves_a_loadable_adapter(trio, 
     for module, original in result.adapter.modules.items():
         assert torch.allclose(loaded.modules[module].delta(), original.delta(), atol=1e-6)
     assert result.plan.restorer == name
+    card = (out / "README.md").read_text()
+    assert f"restorer `{name}`" in card and "Neuron-Level Safety Realignment" not in card  # says what was done
     assert (result.safety_patch is None) == (RESTORERS[name].needs == "aligned")
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
