@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .errors import AdapterError
 from .io import atomic_directory, atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -33,10 +34,6 @@ _LAYER_RE = re.compile(r"\.(\d+)\.")
 # the projections of a Llama-style block (Llama, Mistral, Qwen2, Gemma, SmolLM2 naming): the usual LoRA targets
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _UNSUPPORTED_KEYS = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-
-
-class AdapterError(ValueError):
-    """An adapter directory or its contents cannot be used; the message says why and how to fix it."""
 
 
 def layer_index(module_name: str) -> int | None:

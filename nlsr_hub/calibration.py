@@ -177,6 +177,31 @@ def encode_pairs(
     return samples
 
 
+def encode_preference_pairs(
+    tokenizer: Any, pairs: Sequence[CalibrationPair], max_length: int
+) -> tuple[list[EncodedSample], list[EncodedSample]]:
+    """Chosen and rejected sides of every pair, kept or dropped together: a pair is dropped when either side has
+    no response token left after truncation, so the two lists stay aligned position by position."""
+    chosen, rejected = [], []
+    for pair in pairs:
+        if pair.rejected is None:
+            raise ValueError(
+                "The `preference_snip` scorer needs a `rejected` response for every calibration pair "
+                "(dicts with 'rejected', or (prompt, chosen, rejected) tuples)."
+            )
+        good = encode_pair(tokenizer, pair.prompt, pair.response, max_length)
+        bad = encode_pair(tokenizer, pair.prompt, pair.rejected, max_length)
+        if any(good.response_mask) and any(bad.response_mask):
+            chosen.append(good)
+            rejected.append(bad)
+    if not chosen:
+        raise ValueError(
+            f"No calibration pair has a response token on both sides within `max_length={max_length}`; raise "
+            "`max_length` or shorten the prompts."
+        )
+    return chosen, rejected
+
+
 def iter_batches(samples: Sequence[EncodedSample], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
     """Right-padded batches: ``input_ids``, ``attention_mask`` and ``response_mask`` (batch x seq)."""
     for start in range(0, len(samples), batch_size):

@@ -145,6 +145,31 @@ def render_card(
     return card if existing is None else merge_cards(existing, card)
 
 
+def render_patch_card(metadata: Any, *, modules: int, granularity: str) -> str:
+    """The README of a safety patch (its masks' metadata: scorer, sparsity, beta, calibration, inputs)."""
+    from huggingface_hub import ModelCardData
+
+    data = ModelCardData(library_name="nlsr-hub", tags=["nlsr", "safety-patch", "safety-realignment"])
+    calibration = dict(metadata.get("calibration") or {})
+    inputs = dict(metadata.get("inputs") or {})
+    lines = [
+        "---", data.to_yaml(), "---", "# NLSR safety patch", "",
+        "Safety-critical neuron masks of a safety reference adapter, with the reference's values, made by "
+        "[nlsr-hub](https://github.com/nlsr-hub/nlsr-hub). Realign any fine-tuned LoRA adapter of the same base "
+        "model without another calibration pass:", "",
+        "```bash", "nlsr realign --safety-patch THIS_REPO --finetuned YOUR_ADAPTER --output out/", "```", "",
+        f"- modules: {modules}, granularity: {granularity}",
+        f"- scorer: {metadata.get('scorer')}, sparsity ratio: {metadata.get('sparsity_ratio')}, "
+        f"beta: {metadata.get('beta')}",
+        f"- calibration: {calibration.get('samples', '-')} pairs, {calibration.get('response_tokens', '-')} "
+        f"response tokens, sha256 {calibration.get('sha256', '-')}",
+    ]
+    for role in sorted(inputs):
+        info = inputs[role] or {}
+        lines.append(f"- {role}: `{info.get('repo_id') or info.get('spec')}` {info.get('commit') or ''}".rstrip())
+    return "\n".join(lines) + "\n"
+
+
 def generated_section(text: str) -> str | None:
     """nlsr-hub's section of a card's text (None if the card has none)."""
     start, stop = text.find(BEGIN), text.find(END)

@@ -302,7 +302,7 @@ def _cmd_patch(args: argparse.Namespace) -> int:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from .hub import SavedFolder
+    from .publish import SavedFolder
 
     _print_commit(SavedFolder(args.folder).push_to_hub(args.repo_id, revision=args.revision,
                                                        **_push_kwargs(args, "Upload with nlsr-hub")))

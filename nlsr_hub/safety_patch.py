@@ -87,25 +87,9 @@ class SafetyPatch(PushToHubMixin):
         return Path(path)
 
     def _card_text(self) -> str:
-        calibration = dict(self.metadata.get("calibration") or {})
-        inputs = dict(self.metadata.get("inputs") or {})
-        lines = [
-            "---", "library_name: nlsr-hub", "tags:", "- nlsr", "- safety-patch", "- safety-realignment", "---",
-            "# NLSR safety patch", "",
-            "Safety-critical neuron masks of a safety reference adapter, with the reference's values, made by "
-            "[nlsr-hub](https://github.com/nlsr-hub/nlsr-hub). Realign any fine-tuned LoRA adapter of the same base "
-            "model without another calibration pass:", "",
-            "```bash", "nlsr realign --safety-patch THIS_REPO --finetuned YOUR_ADAPTER --output out/", "```", "",
-            f"- modules: {len(self.masks)}, granularity: {self.granularity}",
-            f"- scorer: {self.metadata.get('scorer')}, sparsity ratio: {self.metadata.get('sparsity_ratio')}, "
-            f"beta: {self.metadata.get('beta')}",
-            f"- calibration: {calibration.get('samples', '-')} pairs, {calibration.get('response_tokens', '-')} "
-            f"response tokens, sha256 {calibration.get('sha256', '-')}",
-        ]
-        for role in sorted(inputs):
-            info = inputs[role] or {}
-            lines.append(f"- {role}: `{info.get('repo_id') or info.get('spec')}` {info.get('commit') or ''}".rstrip())
-        return "\n".join(lines) + "\n"
+        from .card import render_patch_card
+
+        return render_patch_card(self.metadata, modules=len(self.masks), granularity=self.granularity)
 
     def _write_for_hub(self, folder: Path, repo_id: str, existing: Any | None) -> None:
         self.save_pretrained(folder)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .adapters import LoraAdapter, layer_index
-from .calibration import CalibrationPair, encode_pairs, iter_batches
+from .calibration import CalibrationPair, encode_pairs, encode_preference_pairs, iter_batches
 from .hooks import StatsRecorder, lora_layer
 from .modeling import ADAPTER_NAME, attached_adapter
 from .scoring import ModuleStats, low_rank_projection
@@ -58,13 +58,15 @@ def collect_statistics(
         return {}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    chosen = encode_pairs(tokenizer, pairs, max_length)
+    preference = "preference_gradients" in needs
+    if preference:  # both sides of a pair are kept or dropped together, so the batches pair up by position
+        chosen, rejected = encode_preference_pairs(tokenizer, pairs, max_length)
+    else:
+        chosen, rejected = encode_pairs(tokenizer, pairs, max_length), None
     if "sequential_activations" in needs:
         return _collect_sequential(model, reference, chosen, batch_size=batch_size, pad_id=pad_id, device=device,
                                    sparsity_ratio=sparsity_ratio, compat=compat, progress=progress)
-    preference = "preference_gradients" in needs
     gradients = preference or "gradients" in needs
-    rejected = encode_pairs(tokenizer, pairs, max_length, use_rejected=True) if preference else None
     n_batches = -(-len(chosen) // batch_size)
     with attached_adapter(model, reference, trainable=gradients) as peft_model, StatsRecorder(
         peft_model, reference.modules, ADAPTER_NAME, activations="activations" in needs

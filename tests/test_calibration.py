@@ -272,3 +272,35 @@ def test_realign_without_calibration_reuses_the_computed_patch(trio):
     result = patcher.realign(finetuned=load_adapter(trio.finetuned), progress=False)  # no calibration given
     assert result.safety_patch is patch
     assert result.plan.calibration["samples"] == 3
+
+
+def test_preference_pairs_stay_paired_when_one_side_has_no_response_token(trio, tokenizer, load_base, monkeypatch):
+    """A pair whose rejected side keeps no response token is dropped on both sides: the chosen and rejected batches
+    stay aligned by position, so the statistics equal those of the same data without that pair."""
+    import nlsr_hub.calibration as calibration
+    from nlsr_hub import load_adapter
+    from nlsr_hub.calibration import encode_preference_pairs
+
+    real = calibration.encode_pair
+
+    def encode(tok, prompt, response, max_length):  # the marked rejected answer "truncates away"
+        sample = real(tok, prompt, response, max_length)
+        return type(sample)(sample.input_ids, tuple(False for _ in sample.response_mask)) if "VANISH" in response \
+            else sample
+
+    monkeypatch.setattr(calibration, "encode_pair", encode)
+    pairs = [CalibrationPair(p, r, f"Sure, here is how {i}.") for i, (p, r) in enumerate(PAIRS)]
+    broken = [*pairs[:1], CalibrationPair(pairs[1].prompt, pairs[1].response, "VANISH"), *pairs[2:]]
+    chosen, rejected = encode_preference_pairs(tokenizer, broken, 128)
+    assert len(chosen) == len(rejected) == len(pairs) - 1
+    assert chosen[1] == real(tokenizer, pairs[2].prompt, pairs[2].response, 128)  # the next pair moved up whole
+    assert rejected[1] == real(tokenizer, pairs[2].prompt, pairs[2].rejected, 128)
+    reference = load_adapter(trio.aligned)
+    needs = get_scorer("preference_snip").needs
+    got = collect_statistics(load_base(), tokenizer, reference, broken, needs=needs, batch_size=2, max_length=128,
+                             progress=False)
+    want = collect_statistics(load_base(), tokenizer, reference, [pairs[0], *pairs[2:]], needs=needs, batch_size=2,
+                              max_length=128, progress=False)
+    for name in want:
+        assert torch.allclose(got[name].grad_A, want[name].grad_A) and torch.allclose(got[name].grad_B,
+                                                                                     want[name].grad_B)
