@@ -7,28 +7,16 @@ the nlsr cache; nothing is installed.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 from nlsr_hub.evaluation.judges import is_refusal
 from nlsr_hub.evaluation.validation import read_refusal_csv, refusal_judge_agreement
-from nlsr_hub.experiments.smollm import cache_root
-
-
-def pyrit_wheel() -> Path:
-    directory = cache_root() / "wheels"
-    found = sorted(directory.glob("pyrit-1.1.0-*.whl"))
-    if not found:
-        directory.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "pyrit==1.1.0", "-d",
-                        str(directory)], check=True)
-        found = sorted(directory.glob("pyrit-1.1.0-*.whl"))
-    return found[0]
+from nlsr_hub.experiments.data import PYRIT, registry_wheel
 
 
 def main() -> None:
-    source = Path(sys.argv[1]) if len(sys.argv) > 1 else pyrit_wheel()
+    source = Path(sys.argv[1]) if len(sys.argv) > 1 else registry_wheel(PYRIT)
     rows = read_refusal_csv(source)
     agreement = refusal_judge_agreement(rows)
     print(f"refusal judge vs {agreement.n} human labels ({source.name}):")

@@ -42,6 +42,11 @@ def layer_index(module_name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def block_order(block: int | None) -> tuple[bool, int]:
+    """Sort key of block indices: blocks in order, modules outside the blocks (None) last."""
+    return (block is None, block if block is not None else 0)
+
+
 def module_type(module_name: str) -> str:
     """The module's own name inside its block, e.g. ``q_proj``."""
     return module_name.rsplit(".", 1)[-1]

@@ -86,14 +86,12 @@ class NLSRConfig:
         from .restorers import RESTORERS  # local imports: neither imports this module at module level
         from .scoring import SCORERS
 
-        if self.restorer not in RESTORERS:
-            raise ValueError(f"Unknown `restorer` {self.restorer!r}; valid restorers: {', '.join(sorted(RESTORERS))}.")
+        RESTORERS.lookup(self.restorer)
         for name in ("beta", "strength", "kept_energy", "threshold", "sparsity_ratio", "prune_ratio", "epsilon",
                      "fraction"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"`{name}` must be a finite number (got {getattr(self, name)}).")
-        if self.scorer not in SCORERS:
-            raise ValueError(f"Unknown `scorer` {self.scorer!r}; valid scorers: {', '.join(sorted(SCORERS))}.")
+        SCORERS.lookup(self.scorer)
         for name, choices in (
             ("granularity", GRANULARITIES), ("selection", SELECTIONS), ("restoration", RESTORATIONS)
         ):

@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,3 +52,12 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def member_text(source: str | Path, member: str) -> str:
+    """The text of `member` inside a wheel (a zip), or of `source` itself when it is a plain file."""
+    path = Path(source)
+    if path.suffix == ".whl":
+        with zipfile.ZipFile(path) as wheel:
+            return wheel.read(member).decode("utf-8")
+    return path.read_text(encoding="utf-8")

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .adapters import layer_index, module_type
+from .adapters import block_order, layer_index, module_type
 from .config import NLSRConfig
 from .io import atomic_write_text
 from .selection import Selection, select_modules
@@ -99,7 +99,7 @@ class RealignmentPlan:
         for module in self.modules:
             groups.setdefault(module.block, []).append(module)
         rows = []
-        for block in sorted(groups, key=lambda b: (b is None, b if b is not None else 0)):
+        for block in sorted(groups, key=block_order):
             members = groups[block]
             rows.append({
                 "block": block,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 import zlib
 
+from .adapters import block_order
 from .plan import RealignmentPlan
 
 CELL = 18
@@ -31,7 +32,7 @@ def _colour(value: float, low: float) -> tuple[int, int, int]:
 
 def layout(plan: RealignmentPlan) -> tuple[list[int | None], list[str]]:
     """The heat map's row labels (blocks, modules outside blocks last) and column labels (module types)."""
-    blocks = sorted({m.block for m in plan.modules}, key=lambda b: (b is None, b or 0))
+    blocks = sorted({m.block for m in plan.modules}, key=block_order)
     types = sorted({m.module_type for m in plan.modules})
     return blocks, types
 

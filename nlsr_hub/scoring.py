@@ -21,6 +21,7 @@ import torch
 
 from .adapters import LoraModule
 from .masks import round_half_up
+from .registry import Registry
 
 NEEDS = ("activations", "sequential_activations", "gradients", "preference_gradients")
 
@@ -49,7 +50,7 @@ class Scorer:
     description: str = ""
 
 
-SCORERS: dict[str, Scorer] = {}
+SCORERS: Registry[Scorer] = Registry("scorer")
 
 
 def register_scorer(name: str, *, needs: tuple[str, ...] = ()) -> Callable[[ScoreFn], ScoreFn]:
@@ -68,10 +69,7 @@ def register_scorer(name: str, *, needs: tuple[str, ...] = ()) -> Callable[[Scor
 
 def get_scorer(name: str) -> Scorer:
     """The scorer registered as `name`; a `ValueError` lists the valid names otherwise."""
-    try:
-        return SCORERS[name]
-    except KeyError:
-        raise ValueError(f"Unknown `scorer` {name!r}; valid scorers: {', '.join(sorted(SCORERS))}.") from None
+    return SCORERS.lookup(name)
 
 
 def _require(stats: ModuleStats | None, *attrs: str) -> ModuleStats:

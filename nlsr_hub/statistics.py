@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .adapters import LoraAdapter, layer_index
+from .adapters import LoraAdapter, block_order, layer_index
 from .calibration import CalibrationPair, encode_pairs, encode_preference_pairs, iter_batches
 from .hooks import StatsRecorder, lora_layer
 from .modeling import ADAPTER_NAME, attached_adapter
@@ -123,7 +123,7 @@ def _collect_sequential(
     blocks: dict[int | None, list[str]] = {}
     for name in sorted(reference.modules):
         blocks.setdefault(layer_index(name), []).append(name)
-    order = sorted(blocks, key=lambda b: (b is None, b or 0))
+    order = sorted(blocks, key=block_order)
     stats: dict[str, ModuleStats] = {}
     with attached_adapter(model, reference) as peft_model:
         for block in tqdm(order, desc="nlsr: sequential calibration", unit="block", disable=not progress):

@@ -15,6 +15,7 @@ from typing import Any
 
 from nlsr_hub import NLSRConfig, NLSRPatcher, RealignmentResult
 from nlsr_hub.evaluation import generate_responses, get_judge, load_for_evaluation
+from nlsr_hub.plot import layout
 
 MAX_PROMPT_CHARS = 1000
 MAX_NEW_TOKENS = 128
@@ -128,8 +129,7 @@ def heatmap_figure(result: RealignmentResult) -> Any:
     import numpy as np
 
     plan = result.plan
-    blocks = sorted({m.block for m in plan.modules}, key=lambda b: (b is None, b or 0))
-    types = sorted({m.module_type for m in plan.modules})
+    blocks, types = layout(plan)
     grid = np.full((len(blocks), len(types)), np.nan)
     fig, ax = plt.subplots(figsize=(1.5 + 0.9 * len(types), max(3.0, 1.5 + 0.3 * len(blocks))))
     for module in plan.modules:

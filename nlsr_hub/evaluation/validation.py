@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..io import member_text
 from .judges import is_refusal
 
 PYRIT_MEMBER = "pyrit/datasets/scorer_evals/refusal_scorer/refusal.csv"
@@ -43,12 +43,7 @@ class JudgeAgreement:
 
 def read_refusal_csv(source: str | Path) -> list[tuple[str, bool]]:
     """(response, human says refusal) rows from ``refusal.csv`` or from the ``pyrit`` wheel holding it."""
-    path = Path(source)
-    if path.suffix == ".whl":
-        with zipfile.ZipFile(path) as wheel:
-            text = wheel.read(PYRIT_MEMBER).decode("utf-8")
-    else:
-        text = path.read_text(encoding="utf-8")
+    text = member_text(source, PYRIT_MEMBER)
     lines = [line for line in text.splitlines(keepends=True) if not line.startswith("#")]
     rows = csv.DictReader(io.StringIO("".join(lines)))
     return [(row["assistant_response"], float(row["human_score"]) >= 0.5) for row in rows]

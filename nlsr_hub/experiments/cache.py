@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -20,6 +21,11 @@ from typing import Any
 from ..io import atomic_write_text
 
 logger = logging.getLogger(__name__)
+
+
+def cache_root() -> Path:
+    """``$NLSR_CACHE`` or ``~/.cache/nlsr-hub``: model weights, wheels and stage outputs."""
+    return Path(os.environ.get("NLSR_CACHE", Path.home() / ".cache" / "nlsr-hub"))
 
 
 def stage_hash(key: Any) -> str:
@@ -83,4 +89,4 @@ class Stages:
         return load_json(path / "done.json")["seconds"]
 
 
-__all__ = ["Stages", "dump_json", "load_json", "stage_hash"]
+__all__ = ["Stages", "cache_root", "dump_json", "load_json", "stage_hash"]

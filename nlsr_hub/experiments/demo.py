@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from ..io import atomic_write_text
+from .cache import cache_root
 from .report import _find, _fmt
-from .smollm import cache_root
 
 MANIFEST = "demo.json"
 

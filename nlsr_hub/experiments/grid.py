@@ -15,10 +15,9 @@ from typing import Any
 
 from ..config import NLSRConfig
 from ..hardware import machine
-from .cache import Stages, load_json
+from .cache import Stages, cache_root, load_json
 from .data import PYRIT, DataMissing, data_root, registry_wheel
 from .settings import FOCUS, SCORERS, GridSettings
-from .smollm import cache_root
 from .stages import (
     Context,
     ExperimentData,

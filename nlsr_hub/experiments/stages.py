@@ -13,7 +13,6 @@ import json
 import logging
 import random
 import time
-import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from .data import (
     load_harmful_eval,
     load_nq_questions,
     load_refusals,
+    member_text,
     registry_wheel,
 )
 from .evaluate import evaluate_model
@@ -94,11 +94,7 @@ def check_data(settings: GridSettings, root: Path) -> None:
 
 def pyrit_many_shot(source: Path | None) -> list[dict[str, str]]:
     """PyRIT's harmful questions with compliant answers (``{"user", "assistant"}``), from its wheel or a file."""
-    path = source or registry_wheel(PYRIT)
-    if path.suffix == ".whl":
-        with zipfile.ZipFile(path) as wheel:
-            return json.loads(wheel.read(PYRIT_MANY_SHOT))
-    return json.loads(path.read_text(encoding="utf-8"))
+    return json.loads(member_text(source or registry_wheel(PYRIT), PYRIT_MANY_SHOT))
 
 
 def load_data(settings: GridSettings, root: Path, *, harmless_source: Path | None = None,

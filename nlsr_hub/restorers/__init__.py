@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..registry import Registry
+
 if TYPE_CHECKING:
     from ..adapters import LoraAdapter
     from ..config import NLSRConfig
@@ -51,7 +53,7 @@ class Restorer:
     description: str = ""
 
 
-RESTORERS: dict[str, Restorer] = {}
+RESTORERS: Registry[Restorer] = Registry("restorer")
 
 
 def register_restorer(name: str, *, needs: str, knob: str) -> Callable[[RestoreFn], RestoreFn]:
@@ -69,10 +71,7 @@ def register_restorer(name: str, *, needs: str, knob: str) -> Callable[[RestoreF
 
 def get_restorer(name: str) -> Restorer:
     """The restorer registered as `name`; a `ValueError` lists the valid names otherwise."""
-    try:
-        return RESTORERS[name]
-    except KeyError:
-        raise ValueError(f"Unknown `restorer` {name!r}; valid restorers: {', '.join(sorted(RESTORERS))}.") from None
+    return RESTORERS.lookup(name)
 
 
 def restore(inputs: RestoreInputs, config: NLSRConfig, *, build: bool = True
