@@ -48,6 +48,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     from .scoring import SCORERS
 
     group = parser.add_argument_group("Realignment configuration (NLSR defaults follow the paper)")
+    group.add_argument("--preset", choices=("default", "paper"), default=None,
+                       help="Start from a named configuration: 'default' (the measured default) or 'paper' (NLSR with "
+                       "the paper's settings); --config and flags override it.")
     group.add_argument("--config", type=Path, help="Read an NLSRConfig from a JSON or YAML file; flags override it.")
     for field in dataclasses.fields(NLSRConfig):
         flag = "--" + field.name.replace("_", "-")
@@ -64,7 +67,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> NLSRConfig:
     """The config file (if any) overridden by the flags given on the command line."""
-    base: dict[str, Any] = {}
+    base: dict[str, Any] = NLSRConfig.preset(args.preset).to_dict() if getattr(args, "preset", None) else {}
     if args.config is not None:
         text = args.config.read_text(encoding="utf-8")
         loaded = NLSRConfig.from_yaml(text) if args.config.suffix in (".yaml", ".yml") else NLSRConfig.from_json(text)

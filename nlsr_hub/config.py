@@ -127,6 +127,14 @@ class NLSRConfig:
         if self.compat and self.restoration == "module":
             raise ValueError("`compat=True` restores factor-wise ('swap'); it cannot be combined with 'module'.")
 
+    @classmethod
+    def preset(cls, name: str, **changes: Any) -> NLSRConfig:
+        """A named configuration (`PRESETS`): ``default`` (the project's measured default) or ``paper`` (NLSR with
+        the paper's settings), with `changes` on top."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}.")
+        return cls(**{**PRESETS[name], **changes})
+
     @property
     def effective_restoration(self) -> str:
         """The restoration actually used: the published code always swaps factors."""
@@ -164,3 +172,11 @@ class NLSRConfig:
         import yaml
 
         return cls.from_dict(yaml.safe_load(text) or {})
+
+
+# Named configurations: the paper's NLSR settings stay one preset away whatever the default becomes.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "paper": {"restorer": "nlsr", "beta": 0.9, "scorer": "low_rank", "sparsity_ratio": 0.8, "granularity": "element",
+              "selection": "adaptive", "prune_ratio": 0.5, "epsilon": 0.2, "restoration": "neuron"},
+}

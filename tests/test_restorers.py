@@ -224,3 +224,19 @@ def test_patcher_realigns_with_each_restorer_and_saves_a_loadable_adapter(trio, 
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(trio.base), str(out))
     assert model is not None
+
+
+def test_presets_and_the_cli_restorer_flags():
+    from nlsr_hub.cli import build_parser, config_from_args
+
+    paper = NLSRConfig.preset("paper")
+    assert (paper.restorer, paper.selection, paper.granularity, paper.beta) == ("nlsr", "adaptive", "element", 0.9)
+    assert NLSRConfig.preset("default") == NLSRConfig()
+    with pytest.raises(ValueError, match="Unknown preset"):
+        NLSRConfig.preset("fast")
+    args = build_parser().parse_args(["plan", "--base", "b", "--aligned", "a", "--finetuned", "f", "--preset", "paper",
+                                      "--fraction", "0.3"])
+    assert config_from_args(args) == paper.replace(fraction=0.3)  # flags win over the preset
+    args = build_parser().parse_args(["plan", "--base", "b", "--aligned", "a", "--finetuned", "f", "--restorer",
+                                      "addback", "--strength", "1.5"])
+    assert config_from_args(args).restorer == "addback" and config_from_args(args).strength == 1.5
