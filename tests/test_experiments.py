@@ -370,3 +370,23 @@ def test_bf16_only_where_the_hardware_has_it():
     assert not bf16_decision(cuda=True, cuda_bf16=False, flags={"avx512_bf16"})[0]
     # the default settings resolve the choice once, so a cache key names the precision that trained
     assert TrainSettings().bf16 in (True, False) and TrainSettings(bf16=False).bf16 is False
+
+
+def test_run_demo_records_its_models_for_demo_inputs(fake_data, tmp_path):
+    """The demo's front door: `run_demo` prints the before/after table and `demo_inputs` hands its models on."""
+    from nlsr_hub.experiments import demo_inputs, run_demo
+    from nlsr_hub.experiments.demo import DemoNotPrepared
+
+    with pytest.raises(DemoNotPrepared, match="nlsr demo"):
+        demo_inputs(tmp_path / "cache")
+    settings = dataclasses.replace(TINY, focus_only=True, scorers=(), ablations=(), evaluate_safelora=False,
+                                   evaluate_base=False, evaluate_reference=False)
+    results, text = run_demo(out=tmp_path / "out", data=fake_data, cache=tmp_path / "cache", progress=False,
+                             settings=settings, harmless_source=fake_data / "nq.jsonl",
+                             calibration_source=fake_data / "many_shot.json")
+    assert "fine-tuned (attack)" in text and "NLSR-realigned" in text
+    assert "models" not in results
+    inputs = demo_inputs(tmp_path / "cache")
+    assert (inputs.aligned / "adapter_config.json").is_file() and (inputs.finetuned / "adapter_config.json").is_file()
+    assert inputs.finetuned != inputs.aligned and inputs.base.name.startswith("model-tiny")
+    assert {r["model"] for r in inputs.rows} >= {"aligned", "finetuned", "nlsr"}

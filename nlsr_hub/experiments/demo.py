@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import NLSRConfig
 from ..io import atomic_write_text
 from .cache import cache_root
 from .report import _find, _fmt
@@ -51,12 +52,12 @@ def run_demo(*, out: str | Path, data: str | Path | None = None, cache: str | Pa
     settings = settings or DEMO
     results = run_grid(settings, out=out, data=data, cache=cache, progress=progress, command=command, **sources)
     models = results.pop("models")
-    realigned = models.get("sft/nlsr/sst2-p0.05")
+    realigned = models.get("sft/default/sst2-p0.05") or models.get("sft/nlsr/sst2-p0.05")
     manifest = {
         "base": str(models["sft/aligned"].base), "aligned": str(models["sft/aligned"].adapter),
         "finetuned": str(models["sft/finetuned/sst2-p0.05"].adapter),
         "realigned": str(realigned.adapter) if realigned is not None and realigned.adapter is not None else None,
-        "restorer": str(settings.nlsr.get("restorer", "nlsr")),
+        "restorer": NLSRConfig.preset("default").restorer if "sft/default/sst2-p0.05" in models else "nlsr",
         "rows": [{k: r.get(k) for k in ("model", "hs", "hs_advbench", "hs_beavertails", "fa_sst2", "over_refusal",
                                          "patched")} for r in results["rows"]],
     }
@@ -91,15 +92,17 @@ def summary(results: dict[str, Any], seconds: float) -> str:
              f"HS = % of {sum(sizes['harmful_eval'].values())} harmful prompts answered without refusal "
              f"(keyword judge); FA = SST-2 accuracy on {sizes['tasks'].get('sst2')} validation rows.", "",
              f"{'model':<22}{'HS %':>8}{'FA %':>8}{'over-refusal %':>16}"]
+    default = NLSRConfig.preset("default").restorer
     for label, model in (("base", "base"), ("aligned (SFT)", "aligned"), ("fine-tuned (attack)", "finetuned"),
-                         ("NLSR-realigned", "nlsr")):
+                         ("NLSR-realigned", "nlsr"), (f"realigned ({default})", "default")):
         row = _find(rows, model=model)
         if row is not None:
             lines.append(f"{label:<22}{_fmt(row['hs']):>8}{_fmt(row.get('fa_sst2')):>8}"
                          f"{_fmt(row.get('over_refusal')):>16}")
-    nlsr = _find(rows, model="nlsr")
-    if nlsr is not None:
-        lines.append(f"\nNLSR patched {nlsr.get('patched')} LoRA modules.")
+    for label, model in (("NLSR (paper settings)", "nlsr"), (f"The default restorer `{default}`", "default")):
+        row = _find(rows, model=model)
+        if row is not None:
+            lines.append(f"\n{label} changed {row.get('patched')} LoRA modules.")
     lines.append(f"Total wall time {seconds:.0f} s ({results['stages_cached']} cached stages).")
     return "\n".join(lines)
 

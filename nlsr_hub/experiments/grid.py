@@ -64,9 +64,13 @@ def model_id(row: dict[str, Any]) -> str:
 
 def variants(settings: GridSettings, attacks: list[tuple[str, float]], focus: list[tuple[str, float]]
              ) -> list[tuple[str, dict[str, Any], list[tuple[str, float]]]]:
-    """(row name, config overrides, attacks) of every realignment the grid runs: NLSR on every attack, the other
-    scorers and the ablations on the focus attack, and Safe LoRA (τ rule everywhere, lowest shares on the focus)."""
+    """(row name, config overrides, attacks) of every realignment the grid runs: NLSR with the paper's settings on
+    every attack, the other scorers and the ablations on the focus attack, Safe LoRA (τ rule everywhere, lowest
+    shares on the focus), and, where the project's default restorer is not the paper's NLSR, the default on every
+    attack. Overrides apply to the ``paper`` preset unless they name another (``"preset": "default"``)."""
     out: list[tuple[str, dict[str, Any], list[tuple[str, float]]]] = [("nlsr", {}, attacks)]
+    if NLSRConfig.preset("default") != NLSRConfig.preset("paper"):
+        out.append(("default", {"preset": "default"}, attacks))
     out += [(f"nlsr-{s}", {"scorer": s}, focus) for s in settings.scorers]
     out += [(f"nlsr ({label})", dict(over), focus) for label, over in settings.ablations]
     if settings.evaluate_safelora:
@@ -75,6 +79,13 @@ def variants(settings: GridSettings, attacks: list[tuple[str, float]], focus: li
         out += [(f"safelora (lowest {share:g})", {"restorer": "safelora", "selection": "fraction", "fraction": share},
                  focus) for share in settings.safelora_lowest]
     return [v for v in out if v[2]]
+
+
+def variant_config(settings: GridSettings, overrides: dict[str, Any]) -> NLSRConfig:
+    """The config of one grid variant: its preset (``paper`` unless named), the grid's NLSR sizes, its overrides."""
+    overrides = dict(overrides)
+    preset = overrides.pop("preset", "paper")
+    return NLSRConfig.preset(preset, **{"seed": settings.seed, **settings.nlsr, **overrides})
 
 
 def align_all(ctx: Context, base: Model, data: ExperimentData, harmless: list[dict[str, str]]) -> dict[str, Model]:
@@ -119,7 +130,7 @@ def run_method(run: Run, method: str, aligned: Model) -> dict[str, Any]:
         run.evaluate({"method": method, "task": task, "p": p, "model": "finetuned"}, model, [task])
     focus = [FOCUS] if FOCUS in attacks and method == settings.methods[0] else []  # scorers/ablations: 1st method
     for name, overrides, targets in variants(settings, list(attacks), focus):
-        config = NLSRConfig(**{"seed": settings.seed, **settings.nlsr, **overrides})
+        config = variant_config(settings, overrides)
         done = realign(ctx, method, name, config, aligned, ref, (rows, calib_key),
                        {f"{t}-p{p:g}": attacks[(t, p)] for t, p in targets})
         for task, p in targets:
