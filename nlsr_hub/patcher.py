@@ -65,6 +65,7 @@ class NLSRPatcher:
         self.config = config or NLSRConfig()
         self.finetuned = finetuned
         self.aligned, self.weak, self._reference = aligned, weak, reference
+        self._built_reference = False
         self._supplied_patch = safety_patch
         self._computed_patches: dict[str | None, SafetyPatch] = {}
         self._last_patch: SafetyPatch | None = None
@@ -170,7 +171,14 @@ class NLSRPatcher:
                 raise ValueError("No reference: pass `aligned` or `reference`.")
             self._reference = build_reference(self.aligned, self.weak, beta=self.config.beta,
                                               compat=self.config.compat)
+            self._built_reference = True
         return self._reference
+
+    def _reference_source(self) -> str:
+        """How the reference was made: ``expo`` (aligned adapter only), ``expo+weak`` or ``supplied``."""
+        if self.aligned is None or (self._reference is not None and not self._built_reference):
+            return "supplied"
+        return "expo+weak" if self.weak is not None else "expo"
 
     def safety_patch(self, calibration: Any = None, *, progress: bool = True) -> SafetyPatch:
         """The reference's safety-critical masks: supplied, or computed with one calibration pass (skipped for
@@ -207,6 +215,7 @@ class NLSRPatcher:
             "scorer": config.scorer, "sparsity_ratio": config.sparsity_ratio, "granularity": config.granularity,
             "beta": config.beta, "compat": config.compat, "seed": config.seed, "calibration": calibration_meta,
             "inputs": {k: v for k, v in self.inputs.items() if k in ("base", "aligned", "weak", "reference")},
+            "reference_source": self._reference_source(),
         }
         patch = build_safety_patch(
             reference, stats, scorer=config.scorer, sparsity_ratio=config.sparsity_ratio,
@@ -229,23 +238,24 @@ class NLSRPatcher:
         """Run the configured restorer: the plan, the safety patch it used (if any) and the new adapter."""
         target = self._target(finetuned)
         restorer = get_restorer(self.config.restorer)
-        patch = None
+        patch, aligned = None, self.aligned
         if restorer.needs == "patch":
             patch = self.safety_patch(calibration, progress=progress)
             if finetuned is not None:
                 check_same_base({"reference": patch.reference, "finetuned": target})
             calibration_meta = patch.metadata.get("calibration", {})
         else:
-            if self.aligned is None:
-                raise ValueError(f"Restorer {restorer.name!r} needs the aligned adapter itself; pass `aligned=` "
-                                 "(a safety patch holds only the reference's masks).")
+            if aligned is None and self._supplied_patch is not None:
+                aligned = self._supplied_patch.aligned_update()  # EXPO without a weak adapter is invertible
+            if aligned is None:
+                raise ValueError(f"Restorer {restorer.name!r} needs the aligned adapter itself; pass `aligned=`.")
             if finetuned is not None:
-                check_same_base({"aligned": self.aligned, "finetuned": target})
+                check_same_base({"aligned": aligned, "finetuned": target})
             calibration_meta = {}
         inputs = dict(self.inputs)  # after the calibration pass, which records the base model's lineage
         if finetuned_lineage is not None:
             inputs["finetuned"] = dict(finetuned_lineage)
-        restore_inputs = RestoreInputs(finetuned=target, aligned=self.aligned, patch=patch, lineage=inputs,
+        restore_inputs = RestoreInputs(finetuned=target, aligned=aligned, patch=patch, lineage=inputs,
                                        calibration=calibration_meta)
         plan, adapter = restore(restore_inputs, self.config, build=build)
         return plan, patch, adapter

@@ -57,6 +57,18 @@ class SafetyPatch(PushToHubMixin):
         A = module.A if mask.A is None else module.A * mask.A
         return LoraModule(A, module.B * mask.B, module.scale)
 
+    def aligned_update(self) -> LoraAdapter:
+        """The aligned adapter the reference was extrapolated from, ``ΔW_a = ΔW_e / (1+β)`` (exact: only the scale
+        changes), so restorers that need the aligned adapter also run from a patch. Only for an EXPO reference
+        built from the aligned adapter alone; otherwise a `ValueError` says to pass the aligned adapter."""
+        meta = self.metadata
+        if meta.get("reference_source") != "expo" or meta.get("compat") or meta.get("beta") is None:
+            raise ValueError("This safety patch cannot give back the aligned adapter (its reference was supplied, "
+                             "built with a weak adapter or in `compat` mode); pass `aligned=` as well.")
+        factor = 1.0 + float(meta["beta"])
+        modules = {name: LoraModule(m.A, m.B, m.scale / factor) for name, m in self.reference.modules.items()}
+        return LoraAdapter(modules=modules, config=dict(self.reference.config))
+
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the patch (safetensors + JSON + README; atomic, byte-deterministic)."""
         from safetensors.torch import save

@@ -240,3 +240,25 @@ def test_presets_and_the_cli_restorer_flags():
     args = build_parser().parse_args(["plan", "--base", "b", "--aligned", "a", "--finetuned", "f", "--restorer",
                                       "addback", "--strength", "1.5"])
     assert config_from_args(args).restorer == "addback" and config_from_args(args).strength == 1.5
+
+
+def test_aligned_restorers_also_run_from_a_saved_safety_patch(trio, tmp_path):
+    """EXPO without a weak adapter only rescales the update, so a safety patch gives back ΔW_a exactly: `addback`
+    from a patch equals `addback` from the aligned adapter (fleet mode needs no aligned adapter)."""
+    from nlsr_hub import SafetyPatch
+
+    config = NLSRConfig(restorer="addback", strength=0.7, max_calibration_samples=4)
+    direct = NLSRPatcher.from_pretrained(trio.base, aligned=trio.aligned, finetuned=trio.finetuned, config=config)
+    want = direct.realign(progress=False).adapter
+    patcher = NLSRPatcher.from_pretrained(trio.base, aligned=trio.aligned, config=NLSRConfig(max_calibration_samples=4))
+    patcher.safety_patch(progress=False).save_pretrained(tmp_path / "patch")
+    from_patch = NLSRPatcher.from_pretrained(None, finetuned=trio.finetuned, safety_patch=tmp_path / "patch",
+                                             config=config)
+    got = from_patch.realign(progress=False).adapter
+    for name, module in want.modules.items():
+        assert torch.allclose(got.modules[name].delta(), module.delta(), atol=1e-6)
+    supplied = SafetyPatch.from_pretrained(tmp_path / "patch")
+    supplied = SafetyPatch(reference=supplied.reference, masks=supplied.masks,
+                           metadata={**supplied.metadata, "reference_source": "supplied"})
+    with pytest.raises(ValueError, match="cannot give back the aligned adapter"):
+        supplied.aligned_update()
