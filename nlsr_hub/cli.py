@@ -207,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=0, help="torch CPU threads (default $NLSR_THREADS, else "
                       "torch's choice; use 1 when another process shares the cores).")
     demo.add_argument("--no-progress", action="store_true", help="No progress bars.")
+    demo.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
+                      help="Training precision (default $NLSR_PRECISION, else auto: bf16 only where the CPU or GPU has "
+                      "native bf16; torch emulates it elsewhere, ~100x slower).")
     return parser
 
 
@@ -359,6 +362,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         flags += [f"--{name}={value}" for name in ("data", "cache") if (value := getattr(args, name)) is not None]
         flags += ["--no-progress"] if args.no_progress else []
         output = ["--output", str(args.output)] if args.output != Path("demo_out") else []
+        if args.precision is not None:
+            from .hardware import PRECISION_ENV
+
+            os.environ[PRECISION_ENV] = args.precision
+            flags.append(f"--precision={args.precision}")
         threads = args.threads if args.threads > 0 else int(os.environ.get("NLSR_THREADS", "0") or 0)
         if threads > 0:
             import torch

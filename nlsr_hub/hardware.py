@@ -51,13 +51,25 @@ def bf16_decision(*, cuda: bool, cuda_bf16: bool, flags: frozenset[str] | set[st
     return False, "training in fp32: this CPU has no native bf16 (no avx512_bf16 / amx_bf16), torch would emulate it"
 
 
-@lru_cache(maxsize=1)
+PRECISION_ENV = "NLSR_PRECISION"  # "auto" (default), "bf16" or "fp32": forces the training precision
+
+
 def auto_bf16() -> bool:
-    """bf16 mixed precision where the hardware has it (logged once), fp32 elsewhere."""
+    """bf16 mixed precision where the hardware has it, fp32 elsewhere, unless ``$NLSR_PRECISION`` forces one
+    (``nlsr demo --precision``); the decision is logged once per answer."""
+    forced = os.environ.get(PRECISION_ENV, "auto").strip().lower()
+    if forced not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"${PRECISION_ENV} must be auto, bf16 or fp32 (got {forced!r}).")
+    if forced != "auto":
+        return _log_once(forced == "bf16", f"training in {forced}: forced by ${PRECISION_ENV}")
     import torch
 
     cuda = torch.cuda.is_available()
-    use, reason = bf16_decision(cuda=cuda, cuda_bf16=cuda and torch.cuda.is_bf16_supported(), flags=cpu_flags())
+    return _log_once(*bf16_decision(cuda=cuda, cuda_bf16=cuda and torch.cuda.is_bf16_supported(), flags=cpu_flags()))
+
+
+@lru_cache(maxsize=8)
+def _log_once(use: bool, reason: str) -> bool:
     logger.info(reason)
     return use
 
@@ -74,4 +86,4 @@ def machine() -> dict[str, Any]:
             "date": time.strftime("%Y-%m-%d", time.gmtime())}
 
 
-__all__ = ["auto_bf16", "bf16_decision", "cpu_flags", "cpu_name", "machine"]
+__all__ = ["PRECISION_ENV", "auto_bf16", "bf16_decision", "cpu_flags", "cpu_name", "machine"]

@@ -368,8 +368,21 @@ def test_bf16_only_where_the_hardware_has_it():
     assert bf16_decision(cuda=False, cuda_bf16=False, flags={"amx_bf16"})[0]
     assert bf16_decision(cuda=True, cuda_bf16=True, flags=set())[0]
     assert not bf16_decision(cuda=True, cuda_bf16=False, flags={"avx512_bf16"})[0]
-    # the default settings resolve the choice once, so a cache key names the precision that trained
-    assert TrainSettings().bf16 in (True, False) and TrainSettings(bf16=False).bf16 is False
+    # cache keys name the precision that trains; $NLSR_PRECISION forces it
+    assert TrainSettings().to_dict()["bf16"] in (True, False) and TrainSettings(bf16=False).use_bf16 is False
+
+
+def test_precision_can_be_forced(monkeypatch):
+    from nlsr_hub.hardware import PRECISION_ENV
+
+    monkeypatch.setenv(PRECISION_ENV, "bf16")
+    assert TrainSettings().use_bf16 and TrainSettings().to_dict()["bf16"] is True
+    monkeypatch.setenv(PRECISION_ENV, "fp32")
+    assert not TrainSettings().use_bf16
+    assert TrainSettings(bf16=True).use_bf16  # an explicit setting wins
+    monkeypatch.setenv(PRECISION_ENV, "fast")
+    with pytest.raises(ValueError, match="auto, bf16 or fp32"):
+        _ = TrainSettings().use_bf16
 
 
 def test_run_demo_records_its_models_for_demo_inputs(fake_data, tmp_path):

@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--cache", type=Path, help="weights and stage cache (default $NLSR_CACHE or "
                              "~/.cache/nlsr-hub)")
         command.add_argument("--no-progress", action="store_true", help="no progress bars")
+        command.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
+                             help="training precision (default $NLSR_PRECISION, else auto: bf16 only with native "
+                             "hardware support)")
         command.add_argument("--threads", type=int, default=int(os.environ.get("NLSR_THREADS", "0")),
                              help="torch CPU threads (default $NLSR_THREADS, else torch's default); 1 is much "
                              "faster than 2 when other processes share the cores")
@@ -51,6 +54,10 @@ def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
         settings = dataclasses.replace(settings, methods=tuple(m.strip() for m in args.methods.split(",") if m))
     if args.command == "grid" and args.preference_chosen:
         settings = dataclasses.replace(settings, preference_chosen=args.preference_chosen)
+    if args.precision is not None:
+        from ..hardware import PRECISION_ENV
+
+        os.environ[PRECISION_ENV] = args.precision
     out = args.out or Path("results") / preset
     out.mkdir(parents=True, exist_ok=True)
     if args.threads > 0:

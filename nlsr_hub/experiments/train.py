@@ -48,14 +48,18 @@ class TrainSettings:
     beta: float = 0.1  # preference methods' beta (DPO, ORPO's lambda, KTO, SimPO)
     max_steps: int = -1
 
-    def __post_init__(self) -> None:
-        if self.bf16 is None:  # resolved here, so cache keys name the precision that actually trained
-            from ..hardware import auto_bf16
+    @property
+    def use_bf16(self) -> bool:
+        """The precision this run trains in: `bf16` if set, else what the hardware supports (`auto_bf16`)."""
+        if self.bf16 is not None:
+            return self.bf16
+        from ..hardware import auto_bf16
 
-            object.__setattr__(self, "bf16", auto_bf16())
+        return auto_bf16()
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The settings with the precision resolved, so cache keys name the precision that actually trained."""
+        return {**asdict(self), "bf16": self.use_bf16}
 
 
 def _user(text: str) -> list[dict[str, str]]:
@@ -80,7 +84,7 @@ def _common_args(settings: TrainSettings, output_dir: str, progress: bool) -> di
         "output_dir": output_dir, "per_device_train_batch_size": settings.batch_size,
         "num_train_epochs": settings.epochs, "max_steps": settings.max_steps, "learning_rate": settings.lr,
         "lr_scheduler_type": "linear", "warmup_steps": settings.warmup, "logging_steps": 5,
-        "save_strategy": "no", "report_to": "none", "bf16": settings.bf16, "seed": settings.seed,
+        "save_strategy": "no", "report_to": "none", "bf16": settings.use_bf16, "seed": settings.seed,
         "data_seed": settings.seed, "use_cpu": not torch.cuda.is_available(), "dataloader_num_workers": 0,
         "disable_tqdm": not progress, "remove_unused_columns": True, "gradient_checkpointing": False,
     }
