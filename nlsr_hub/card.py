@@ -52,7 +52,6 @@ NLSR_INTRO = (
     "safety reference (the aligned adapter, EXPO-extrapolated) were transplanted, without training, into the modules "
     "whose similarity to the reference dropped during fine-tuning."
 )
-STRENGTH_RESTORERS = ("addback", "interpolate", "nlsr-addback")
 SIMILARITY = {
     "nlsr": "masked Frobenius cosine to the reference",
     "nlsr-dense": "activation-masked cosine of the dense updates",
@@ -81,8 +80,7 @@ def _section(plan: RealignmentPlan, base_model: str | None, repo_id: str | None,
         "## Training-free safety realignment", "",
         _intro(plan), "",
         "### Summary", "",
-        f"- restorer `{plan.restorer}`" + (f", strength {plan.config.get('strength')}"
-                                           if plan.restorer in STRENGTH_RESTORERS else ""),
+        f"- restorer `{plan.restorer}`" + (f", {plan.knob} {plan.config.get(plan.knob)}" if plan.knob else ""),
         f"- modules patched: **{summary['modules_patched']} / {summary['modules_total']}**",
         f"- neurons restored: **{summary['neurons_restored']}**",
         f"- mean similarity ({SIMILARITY.get(plan.restorer, SIMILARITY['nlsr'])}): {summary['mean_similarity']:.4f}",

@@ -60,6 +60,14 @@ class RealignmentPlan:
         return "swap" if self.config.get("compat") else str(self.config.get("restoration"))
 
     @property
+    def knob(self) -> str | None:
+        """The restorer's main knob (a config field), or None for a restorer not in this registry."""
+        from .restorers import RESTORERS
+
+        restorer = RESTORERS.get(self.restorer)
+        return restorer.knob if restorer is not None else None
+
+    @property
     def restorer(self) -> str:
         """The restorer that made the plan (plans written before the registry existed were all ``nlsr``)."""
         return str(self.config.get("restorer", "nlsr"))

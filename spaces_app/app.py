@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import backend
 
 from nlsr_hub import NLSRConfig
+from nlsr_hub.restorers import RESTORERS
 from nlsr_hub.scoring import SCORERS
 
 DEFAULTS = NLSRConfig()
@@ -42,9 +43,9 @@ def _guard(fn):
 
 @_guard
 def run_realign(source, base, aligned, finetuned, scorer, selection, beta, sparsity, prune_ratio, fraction, seed,
-                progress=gr.Progress()):  # noqa: B008 - gradio's progress idiom
+                restorer, strength, progress=gr.Progress()):  # noqa: B008 - gradio's progress idiom
     progress(0.05, desc="checking inputs")
-    config = backend.make_config(scorer, selection, beta, sparsity, prune_ratio, fraction, seed)
+    config = backend.make_config(scorer, selection, beta, sparsity, prune_ratio, fraction, seed, restorer, strength)
     progress(0.2, desc="calibration pass and plan")
     session = backend.realign(source, base, aligned, finetuned, config)
     progress(0.9, desc="drawing the plan")
@@ -84,7 +85,13 @@ def build_demo() -> gr.Blocks:
             base = gr.Textbox(label="Base model (Hub id or path)", elem_id="base")
             aligned = gr.Textbox(label="Aligned adapter", elem_id="aligned")
             finetuned = gr.Textbox(label="Fine-tuned adapter", elem_id="finetuned")
-        with gr.Accordion("NLSR settings", open=False):
+        with gr.Accordion("Realignment settings", open=False):
+            with gr.Row():
+                restorer = gr.Dropdown(sorted(RESTORERS), value=DEFAULTS.restorer, label="restorer",
+                                       info="; ".join(f"{n}: {r.description}" for n, r in sorted(RESTORERS.items())),
+                                       elem_id="restorer")
+                strength = gr.Slider(0.0, 3.0, DEFAULTS.strength, step=0.05, label="strength (λ)",
+                                     info=HELP["strength"])
             with gr.Row():
                 scorer = gr.Dropdown(sorted(SCORERS), value=DEFAULTS.scorer, label="scorer", info=HELP["scorer"])
                 selection = gr.Dropdown(["adaptive", "threshold", "fraction"], value=DEFAULTS.selection,
@@ -131,7 +138,7 @@ def build_demo() -> gr.Blocks:
         push_status = gr.Markdown()
 
         realign_button.click(run_realign, [source, base, aligned, finetuned, scorer, selection, beta, sparsity,
-                                           prune_ratio, fraction, seed],
+                                           prune_ratio, fraction, seed, restorer, strength],
                              [session, heatmap, summary, plan_json, adapter_file], api_name="realign")
         compare_button.click(run_compare, [session, prompt, tokens], [before, before_verdict, after, after_verdict],
                              api_name="compare")

@@ -98,11 +98,13 @@ def resolve_inputs(source: str, base: str, aligned: str, finetuned: str) -> tupl
 
 
 def make_config(scorer: str, selection: str, beta: float, sparsity_ratio: float, prune_ratio: float,
-                fraction: float, seed: int) -> NLSRConfig:
+                fraction: float, seed: int, restorer: str | None = None, strength: float | None = None) -> NLSRConfig:
+    defaults = NLSRConfig()
     try:
         return NLSRConfig(scorer=scorer, selection=selection, beta=float(beta), sparsity_ratio=float(sparsity_ratio),
                           prune_ratio=float(prune_ratio), epsilon=min(0.2, float(prune_ratio), 1 - float(prune_ratio)),
-                          fraction=float(fraction), seed=int(seed))
+                          fraction=float(fraction), seed=int(seed), restorer=restorer or defaults.restorer,
+                          strength=float(defaults.strength if strength is None else strength))
     except ValueError as err:
         raise SpaceError(str(err)) from None
 
@@ -149,10 +151,11 @@ def heatmap_figure(result: RealignmentResult) -> Any:
 
 
 def summary_markdown(result: RealignmentResult) -> str:
-    s = result.plan.summary()
-    return (f"**{s['modules_patched']} / {s['modules_total']} modules patched**, "
+    s, plan = result.plan.summary(), result.plan
+    knob = f", {plan.knob} {plan.config.get(plan.knob)}" if plan.knob else ""
+    return (f"Restorer `{plan.restorer}`{knob}: **{s['modules_patched']} / {s['modules_total']} modules patched**, "
             f"**{s['neurons_restored']} neurons restored**; mean similarity {s['mean_similarity']:.4f} "
-            f"(scorer `{result.plan.scorer}`, selection `{result.plan.config.get('selection')}`).")
+            f"(scorer `{plan.scorer}`, selection `{plan.config.get('selection')}`).")
 
 
 def plan_file(session: Session) -> str:
