@@ -67,7 +67,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> NLSRConfig:
     """The config file (if any) overridden by the flags given on the command line."""
-    base: dict[str, Any] = NLSRConfig.preset(args.preset).to_dict() if getattr(args, "preset", None) else {}
+    base: dict[str, Any] = NLSRConfig.preset(getattr(args, "preset", None) or "default").to_dict()
     if args.config is not None:
         text = args.config.read_text(encoding="utf-8")
         loaded = NLSRConfig.from_yaml(text) if args.config.suffix in (".yaml", ".yml") else NLSRConfig.from_json(text)

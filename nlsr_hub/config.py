@@ -43,7 +43,9 @@ def parse_block_ranges(spec: str) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class NLSRConfig:
-    """Configuration of one realignment (NLSR defaults follow the paper, see SPEC.md).
+    """Configuration of one realignment. The field defaults are NLSR with the paper's settings (SPEC.md); the
+    project's measured default, which `NLSRPatcher`, ``nlsr realign``, the Space and the demo use when no config
+    is given, is ``NLSRConfig.preset("default")``, and ``NLSRConfig.preset("paper")`` is the paper's NLSR.
 
     `restorer` picks the training-free restorer (`nlsr_hub.restorers.RESTORERS`); the other fields are the knobs
     of the restorers that use them (each restorer's docstring names its own)."""
@@ -174,7 +176,8 @@ class NLSRConfig:
         return cls.from_dict(yaml.safe_load(text) or {})
 
 
-# Named configurations: the paper's NLSR settings stay one preset away whatever the default becomes.
+# Named configurations (changes to the field defaults): the paper's NLSR settings stay one preset away whatever
+# the default becomes. "default" is the head-to-head's winner (results/restorers/results.md).
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "paper": {"restorer": "nlsr", "beta": 0.9, "scorer": "low_rank", "sparsity_ratio": 0.8, "granularity": "element",

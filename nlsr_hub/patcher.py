@@ -62,7 +62,7 @@ class NLSRPatcher:
     ) -> None:
         if aligned is None and reference is None and safety_patch is None:
             raise ValueError("Pass `aligned` (to build the EXPO reference), `reference` or `safety_patch`.")
-        self.config = config or NLSRConfig()
+        self.config = config or NLSRConfig.preset("default")
         self.finetuned = finetuned
         self.aligned, self.weak, self._reference = aligned, weak, reference
         self._built_reference = False

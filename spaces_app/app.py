@@ -24,7 +24,7 @@ from nlsr_hub import NLSRConfig
 from nlsr_hub.restorers import RESTORERS
 from nlsr_hub.scoring import SCORERS
 
-DEFAULTS = NLSRConfig()
+DEFAULTS = NLSRConfig.preset("default")
 HELP = {f.name: f.metadata["help"] for f in dataclasses.fields(NLSRConfig)}
 
 

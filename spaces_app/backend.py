@@ -99,12 +99,13 @@ def resolve_inputs(source: str, base: str, aligned: str, finetuned: str) -> tupl
 
 def make_config(scorer: str, selection: str, beta: float, sparsity_ratio: float, prune_ratio: float,
                 fraction: float, seed: int, restorer: str | None = None, strength: float | None = None) -> NLSRConfig:
-    defaults = NLSRConfig()
+    defaults = NLSRConfig.preset("default")
     try:
-        return NLSRConfig(scorer=scorer, selection=selection, beta=float(beta), sparsity_ratio=float(sparsity_ratio),
-                          prune_ratio=float(prune_ratio), epsilon=min(0.2, float(prune_ratio), 1 - float(prune_ratio)),
-                          fraction=float(fraction), seed=int(seed), restorer=restorer or defaults.restorer,
-                          strength=float(defaults.strength if strength is None else strength))
+        return NLSRConfig.preset(
+            "default", scorer=scorer, selection=selection, beta=float(beta), sparsity_ratio=float(sparsity_ratio),
+            prune_ratio=float(prune_ratio), epsilon=min(0.2, float(prune_ratio), 1 - float(prune_ratio)),
+            fraction=float(fraction), seed=int(seed), restorer=restorer or defaults.restorer,
+            strength=float(defaults.strength if strength is None else strength))
     except ValueError as err:
         raise SpaceError(str(err)) from None
 

@@ -19,24 +19,14 @@ from typing import Any
 
 from ..config import NLSRConfig
 from ..hardware import machine
+from . import stages as step
 from .cache import Stages, cache_root, load_json
 from .data import data_root
 from .evaluate import EvalSettings
 from .grid import align_all
 from .presets import DEMO
 from .settings import GridSettings
-from .stages import (
-    Context,
-    attack,
-    base_model,
-    calibrate,
-    check_data,
-    evaluate,
-    harmless_answers,
-    load_data,
-    realign,
-    reference,
-)
+from .stages import Context
 
 
 @dataclass(frozen=True)
@@ -108,6 +98,46 @@ def paired_fa(finetuned_eval: Path, other_eval: Path) -> dict[str, int]:
     return {"lost": lost, "won": won}
 
 
+@dataclass(frozen=True)
+class _Pair:
+    """One aligned pair's fixed inputs: aligned, fine-tuned (the attack) and reference models, and the calibration."""
+
+    method: str
+    aligned: Any
+    target: Any
+    ref: Any
+    calibration: tuple[list[dict[str, Any]], Any]
+
+
+def _points(settings: HeadToHeadSettings, pair: GridSettings, fixed: _Pair) -> list[tuple[str, Any, Any]]:
+    """(label, config or None, model or None) of every point, in the order they run."""
+    points: list[tuple[str, Any, Any]] = [("fine-tuned", None, fixed.target)]
+    points += [("default", NLSRConfig.preset("default", seed=pair.seed, **pair.nlsr), None)]
+    points += [(label, config, None) for label, config in round_robin(settings.sweeps, pair.seed, pair.nlsr)]
+    if settings.evaluate_reference:  # the ceiling of what a transplant can restore: last, it teaches least
+        points.append(("reference (EXPO)", None, fixed.ref))
+    return points
+
+
+def _run_point(ctx: Context, eval_data: Any, fixed: _Pair, label: str, config: NLSRConfig | None, model: Any,
+               finetuned_row: dict[str, Any] | None) -> dict[str, Any]:
+    """Realign (unless the point is a fixed model) and evaluate one point; its row."""
+    t0 = time.perf_counter()
+    row: dict[str, Any] = {"method": fixed.method, "point": label}
+    if config is not None:
+        out = step.realign(ctx, fixed.method, config.restorer, config, fixed.aligned, fixed.ref, fixed.calibration,
+                           {"sst2-p0.05": fixed.target})["sst2-p0.05"]
+        model = out.model
+        row.update(restorer=config.restorer, config=config.to_dict(),
+                   patched=f"{out.summary['modules_patched']}/{out.summary['modules_total']}")
+    row.update(step.evaluate(ctx, eval_data, model, ["sst2"]))
+    row["mean_nonrefusal"] = mean_nonrefusal(row)
+    reference_eval = Path((finetuned_row or row)["eval_dir"])
+    row["fa_paired"] = paired_fa(reference_eval, Path(row["eval_dir"]))
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
 def run_head_to_head(settings: HeadToHeadSettings = HeadToHeadSettings(), *, out: str | Path,
                      data: str | Path | None = None, cache: str | Path | None = None, progress: bool = True,
                      command: str | None = None, on_point: Any = None, harmless_source: str | Path | None = None,
@@ -121,48 +151,31 @@ def run_head_to_head(settings: HeadToHeadSettings = HeadToHeadSettings(), *, out
     root = data_root(data)
     cache_dir = Path(cache) if cache is not None else cache_root()
     pair = dataclasses.replace(settings.pair, methods=settings.methods, preference_chosen=settings.preference_chosen)
-    check_data(pair, root)
+    step.check_data(pair, root)
     stages = Stages(cache_dir / "experiments")
     pair_ctx = Context(pair, stages, root, progress)
-    eval_settings = dataclasses.replace(pair, eval=settings.eval)
-    ctx = Context(eval_settings, stages, root, progress)
+    ctx = Context(dataclasses.replace(pair, eval=settings.eval), stages, root, progress)
     sources = {"harmless_source": Path(harmless_source) if harmless_source else None,
                "calibration_source": Path(calibration_source) if calibration_source else None}
-    pair_data = load_data(pair, root, **sources)
-    eval_data = load_data(eval_settings, root, harmless_eval_from_end=True, **sources)
-    base = base_model(pair_ctx, cache_dir)
-    aligned = align_all(pair_ctx, base, pair_data, harmless_answers(pair_ctx, base, pair_data.train_questions))
+    pair_data = step.load_data(pair, root, **sources)
+    eval_data = step.load_data(ctx.settings, root, harmless_eval_from_end=True, **sources)
+    base = step.base_model(pair_ctx, cache_dir)
+    aligned = align_all(pair_ctx, base, pair_data, step.harmless_answers(pair_ctx, base, pair_data.train_questions))
     results: dict[str, Any] = {"settings": settings.to_dict(), "command": command, "machine": machine(),
                                "sizes": {"harmful_eval": {k: len(v) for k, v in eval_data.harmful_eval.items()},
                                          "harmless_eval": len(eval_data.eval_harmless),
                                          "sst2": len(eval_data.tasks["sst2"])},
-                               "default": NLSRConfig().to_dict(), "rows": []}
+                               "default": NLSRConfig.preset("default").to_dict(), "rows": []}
     for method in settings.methods:
-        target = attack(pair_ctx, method, aligned[method], "sst2", 0.05)
-        ref = reference(pair_ctx, method, aligned[method], float(pair.nlsr.get("beta", NLSRConfig().beta)))
-        rows, calib_key, info = calibrate(ctx, method, aligned[method], ref, eval_data.many_shot)
+        ref = step.reference(pair_ctx, method, aligned[method], float(pair.nlsr.get("beta", NLSRConfig().beta)))
+        rows, calib_key, info = step.calibrate(ctx, method, aligned[method], ref, eval_data.many_shot)
         results.setdefault("calibration", {})[method] = info
-        points: list[tuple[str, NLSRConfig | None, Any]] = [("fine-tuned", None, target)]
-        points += [("default", NLSRConfig(seed=pair.seed, **pair.nlsr), None)]
-        points += [(label, config, None) for label, config in round_robin(settings.sweeps, pair.seed, pair.nlsr)]
-        if settings.evaluate_reference:  # the ceiling of what a transplant can restore: last, it teaches least
-            points.append(("reference (EXPO)", None, ref))
+        fixed = _Pair(method, aligned[method], step.attack(pair_ctx, method, aligned[method], "sst2", 0.05), ref,
+                      (rows, calib_key))
         finetuned_row = None
-        for label, config, model in points:
-            t0 = time.perf_counter()
-            row: dict[str, Any] = {"method": method, "point": label}
-            if config is not None:
-                out_model = realign(ctx, method, config.restorer, config, aligned[method], ref, (rows, calib_key),
-                                    {"sst2-p0.05": target})["sst2-p0.05"]
-                model = out_model.model
-                row.update(restorer=config.restorer, config=config.to_dict(),
-                           patched=f"{out_model.summary['modules_patched']}/{out_model.summary['modules_total']}")
-            row.update(evaluate(ctx, eval_data, model, ["sst2"]))
-            row["mean_nonrefusal"] = mean_nonrefusal(row)
-            if finetuned_row is None:
-                finetuned_row = row
-            row["fa_paired"] = paired_fa(Path(finetuned_row["eval_dir"]), Path(row["eval_dir"]))
-            row["seconds"] = round(time.perf_counter() - t0, 1)
+        for label, config, model in _points(settings, pair, fixed):
+            row = _run_point(ctx, eval_data, fixed, label, config, model, finetuned_row)
+            finetuned_row = finetuned_row or row
             results["rows"].append(row)
             results["wall_seconds"] = round(time.perf_counter() - started, 1)
             write_head_to_head(results, out)
