@@ -12,6 +12,7 @@ import torch
 
 pytest.importorskip("trl")
 
+from nlsr_hub import NLSRConfig
 from nlsr_hub.experiments import data as exp_data
 from nlsr_hub.experiments.calibration import filter_safe
 from nlsr_hub.experiments.grid import Stages, run_grid
@@ -345,7 +346,7 @@ def test_head_to_head_on_the_tiny_pair(fake_data, tmp_path):
         assert row["fa_paired"]["lost"] - row["fa_paired"]["won"] == pytest.approx(
             (rows["fine-tuned"]["fa_sst2"] - row["fa_sst2"]) * 5 / 100)
     check = results["bar"]["sft"]
-    assert check["default"] == "nlsr" and isinstance(check["met"], bool)
+    assert check["default"] == NLSRConfig.preset("default").restorer and isinstance(check["met"], bool)
     assert set(check) >= {"relative_cut", "fa_change", "over_refusal_change", "better_at_equal_fa"}
     for name in ("results.json", "results.md", "pareto.png"):
         assert (tmp_path / "out" / name).is_file()
