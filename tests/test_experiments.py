@@ -327,14 +327,16 @@ def test_head_to_head_on_the_tiny_pair(fake_data, tmp_path):
                           batch_size=4),
         sweeps=(Sweep("addback", "addback", "strength", (0.5, 1.0)),
                 Sweep("nlsr-addback", "nlsr-addback", "strength", (1.0,),
-                      {"granularity": "row", "selection": "fraction", "fraction": 1.0})))
+                      {"granularity": "row", "selection": "fraction", "fraction": 1.0})),
+        first=("nlsr-addback strength=1",))
     kwargs = {"data": fake_data, "cache": tmp_path / "cache", "harmless_source": fake_data / "nq.jsonl",
               "calibration_source": fake_data / "many_shot.json", "progress": False}
     seen = []
     results = run_head_to_head(settings, out=tmp_path / "out", on_point=seen.append, **kwargs)
     points = [r["point"] for r in results["rows"]]
-    assert points == ["fine-tuned", "default", "addback strength=0.5", "nlsr-addback strength=1", "addback strength=1",
-                      "reference (EXPO)"]  # round-robin over the sweeps, the reference last
+    # the `first` points, then round-robin over the sweeps, the reference last
+    assert points == ["fine-tuned", "default", "nlsr-addback strength=1", "addback strength=0.5", "addback strength=1",
+                      "reference (EXPO)"]
     assert [r["point"] for r in seen] == points
     # the full evaluation sets: every AdvBench prompt not used in alignment, every BeaverTails prompt, all SST-2
     assert results["sizes"] == {"harmful_eval": {"advbench": len(HARMFUL) - 6, "beavertails": 4},

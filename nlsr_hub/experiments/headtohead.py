@@ -49,8 +49,8 @@ class Sweep:
 # run covers every restorer; values are listed in the order they teach most, not numerically.
 SWEEPS = (
     Sweep("nlsr (paper)", "nlsr", "prune_ratio", (0.5, 0.3)),
-    Sweep("addback", "addback", "strength", (1.0, 1.5, 0.5)),
-    Sweep("nlsr-addback (rows)", "nlsr-addback", "strength", (2.0, 1.0, 3.0),
+    Sweep("addback", "addback", "strength", (1.0, 1.5, 2.0, 0.5)),
+    Sweep("nlsr-addback (rows)", "nlsr-addback", "strength", (2.0, 3.0, 1.0),
           {"granularity": "row", "selection": "fraction", "fraction": 1.0}),
     Sweep("nlsr-dense (rows)", "nlsr-dense", "fraction", (1.0, 0.5), {"granularity": "row", "selection": "fraction"}),
     Sweep("safelora", "safelora", "fraction", (0.5, 1.0), {"selection": "fraction"}),
@@ -62,6 +62,11 @@ def round_robin(sweeps: tuple[Sweep, ...], seed: int, base: Mapping[str, Any]) -
     """Every sweep's points, interleaved: the first value of each sweep, then the second of each, and so on."""
     lists = [sweep.configs(seed, base) for sweep in sweeps]
     return [lst[i] for i in range(max(map(len, lists), default=0)) for lst in lists if i < len(lst)]
+
+# what a 2-core CPU should measure first (about 10 min a point): the candidates for the default at equal FA
+FIRST = ("addback strength=1", "nlsr-addback (rows) strength=2", "addback strength=1.5",
+         "nlsr-addback (rows) strength=3", "addback strength=2", "nlsr-dense (rows) fraction=1",
+         "safelora fraction=0.5", "interpolate strength=0.5")
 
 HEAD_TO_HEAD_EVAL = EvalSettings(advbench=None, beavertails=None, harmless=100, hs_new_tokens=40, fa={"sst2": None},
                                  batch_size=32)
@@ -77,11 +82,12 @@ class HeadToHeadSettings:
     eval: EvalSettings = HEAD_TO_HEAD_EVAL
     sweeps: tuple[Sweep, ...] = SWEEPS
     evaluate_reference: bool = True
+    first: tuple[str, ...] = FIRST  # point labels run before the round-robin rest, in this order
 
     def to_dict(self) -> dict[str, Any]:
         return {"pair": self.pair.to_dict(), "methods": list(self.methods), "preference_chosen": self.preference_chosen,
                 "eval": self.eval.to_dict(), "sweeps": [dataclasses.asdict(s) for s in self.sweeps],
-                "evaluate_reference": self.evaluate_reference}
+                "evaluate_reference": self.evaluate_reference, "first": list(self.first)}
 
 
 def mean_nonrefusal(row: Mapping[str, Any]) -> float:
@@ -113,7 +119,10 @@ def _points(settings: HeadToHeadSettings, pair: GridSettings, fixed: _Pair) -> l
     """(label, config or None, model or None) of every point, in the order they run."""
     points: list[tuple[str, Any, Any]] = [("fine-tuned", None, fixed.target)]
     points += [("default", NLSRConfig.preset("default", seed=pair.seed, **pair.nlsr), None)]
-    points += [(label, config, None) for label, config in round_robin(settings.sweeps, pair.seed, pair.nlsr)]
+    swept = round_robin(settings.sweeps, pair.seed, pair.nlsr)
+    rank = {label: i for i, label in enumerate(settings.first)}
+    swept.sort(key=lambda point: rank.get(point[0], len(rank)))  # stable: the round-robin order after `first`
+    points += [(label, config, None) for label, config in swept]
     if settings.evaluate_reference:  # the ceiling of what a transplant can restore: last, it teaches least
         points.append(("reference (EXPO)", None, fixed.ref))
     return points
