@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, help="nlsr cache (default $NLSR_CACHE or ~/.cache/nlsr-hub)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("NLSR_THREADS", "0") or 0))
     parser.add_argument("--no-reference", action="store_true", help="skip evaluating the EXPO reference itself")
+    parser.add_argument("--max-points", type=int, help="run only the first N points per pair (in their priority "
+                        "order; the rest are listed as not run)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.threads > 0:
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from nlsr_hub.experiments.headtohead import HeadToHeadSettings
 
     settings = dataclasses.replace(HeadToHeadSettings(), methods=tuple(m.strip() for m in args.methods.split(",")),
-                                   evaluate_reference=not args.no_reference)
+                                   evaluate_reference=not args.no_reference, max_points=args.max_points)
     command = "python benchmarks/restorers.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
     def show(row: dict) -> None:

@@ -83,11 +83,13 @@ class HeadToHeadSettings:
     sweeps: tuple[Sweep, ...] = SWEEPS
     evaluate_reference: bool = True
     first: tuple[str, ...] = FIRST  # point labels run before the round-robin rest, in this order
+    max_points: int | None = None  # run only the first N points of each pair (the report lists the rest as not run)
 
     def to_dict(self) -> dict[str, Any]:
         return {"pair": self.pair.to_dict(), "methods": list(self.methods), "preference_chosen": self.preference_chosen,
                 "eval": self.eval.to_dict(), "sweeps": [dataclasses.asdict(s) for s in self.sweeps],
-                "evaluate_reference": self.evaluate_reference, "first": list(self.first)}
+                "evaluate_reference": self.evaluate_reference, "first": list(self.first),
+                "max_points": self.max_points}
 
 
 def mean_nonrefusal(row: Mapping[str, Any]) -> float:
@@ -182,7 +184,11 @@ def run_head_to_head(settings: HeadToHeadSettings = HeadToHeadSettings(), *, out
         fixed = _Pair(method, aligned[method], step.attack(pair_ctx, method, aligned[method], "sst2", 0.05), ref,
                       (rows, calib_key))
         finetuned_row = None
-        for label, config, model in _points(settings, pair, fixed):
+        points = _points(settings, pair, fixed)
+        if settings.max_points is not None:
+            results.setdefault("not_run", {})[method] = [label for label, _, _ in points[settings.max_points:]]
+            points = points[: settings.max_points]
+        for label, config, model in points:
             row = _run_point(ctx, eval_data, fixed, label, config, model, finetuned_row)
             finetuned_row = finetuned_row or row
             results["rows"].append(row)

@@ -106,6 +106,9 @@ def markdown(results: Mapping[str, Any]) -> str:
                                 for name, r in best)
             lines += ["", f"Best point of each restorer with FA >= the fine-tuned adapter's − {BAR_FA:g} "
                       f"({_fmt(ft['fa_sst2'] - BAR_FA)}): {listing or 'none'}."]
+        not_run = (results.get("not_run") or {}).get(method)
+        if not_run:
+            lines += ["", f"Not run in this session (`--max-points`): {', '.join(not_run)}."]
         check = (results.get("bar") or {}).get(method)
         if check is not None:
             lines += ["", f"**Bar** (default `{check['default']}`): cut {_fmt(check['relative_cut'])} % "
