@@ -49,8 +49,8 @@ class Sweep:
 # run covers every restorer; values are listed in the order they teach most, not numerically.
 SWEEPS = (
     Sweep("nlsr (paper)", "nlsr", "prune_ratio", (0.5, 0.3)),
-    Sweep("addback", "addback", "strength", (1.0, 1.5, 2.0, 0.5)),
-    Sweep("nlsr-addback (rows)", "nlsr-addback", "strength", (2.0, 1.0, 3.0),
+    Sweep("addback", "addback", "strength", (1.0, 1.5, 1.25, 2.0, 0.5)),
+    Sweep("nlsr-addback (rows)", "nlsr-addback", "strength", (2.0, 1.0, 1.5, 3.0),
           {"granularity": "row", "selection": "fraction", "fraction": 1.0}),
     Sweep("nlsr-dense (rows)", "nlsr-dense", "fraction", (1.0, 0.5), {"granularity": "row", "selection": "fraction"}),
     Sweep("safelora", "safelora", "fraction", (0.5, 1.0), {"selection": "fraction"}),
@@ -65,8 +65,8 @@ def round_robin(sweeps: tuple[Sweep, ...], seed: int, base: Mapping[str, Any]) -
 
 # what a 2-core CPU should measure first (about 10 min a point): the candidates for the default at equal FA
 FIRST = ("addback strength=1", "nlsr-addback (rows) strength=2", "addback strength=1.5",
-         "nlsr-addback (rows) strength=1", "addback strength=2", "nlsr-dense (rows) fraction=1",
-         "safelora fraction=0.5", "interpolate strength=0.5")
+         "nlsr-addback (rows) strength=1", "nlsr-dense (rows) fraction=1", "safelora fraction=0.5",
+         "interpolate strength=0.5", "nlsr-addback (rows) strength=1.5", "addback strength=1.25")
 
 HEAD_TO_HEAD_EVAL = EvalSettings(advbench=None, beavertails=None, harmless=100, hs_new_tokens=40, fa={"sst2": None},
                                  batch_size=32)
