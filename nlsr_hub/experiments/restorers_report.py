@@ -29,6 +29,13 @@ def _point(rows: Sequence[dict[str, Any]], label: str) -> dict[str, Any] | None:
     return next((r for r in rows if r["point"] == label), None)
 
 
+def sign_z(paired: Mapping[str, int]) -> float | None:
+    """The paired sign test's z for an FA difference, ``(won − lost) / sqrt(won + lost)`` (None without flips):
+    |z| < 2 means the accuracy difference is within what the rows that flip either way produce by chance."""
+    flips = paired.get("won", 0) + paired.get("lost", 0)
+    return (paired.get("won", 0) - paired.get("lost", 0)) / math.sqrt(flips) if flips else None
+
+
 def best_per_restorer(rows: Sequence[dict[str, Any]], fa_floor: float) -> dict[str, dict[str, Any]]:
     """Each restorer's point with the lowest mean non-refusal among those with SST-2 accuracy >= `fa_floor`."""
     best: dict[str, dict[str, Any]] = {}
@@ -78,7 +85,8 @@ def markdown(results: Mapping[str, Any]) -> str:
              f"AdvBench prompts not used in alignment and {sizes['harmful_eval']['beavertails']} BeaverTails prompts; "
              "mean = the mean of the two rates. Cut = relative cut of the mean against the fine-tuned adapter. "
              f"FA = accuracy on all {sizes['sst2']} SST-2 validation rows; lost/won = rows the fine-tuned adapter "
-             "gets right and the point wrong / the reverse (paired). Over-refusal on "
+             "gets right and the point wrong / the reverse (paired), z = (won − lost)/√(won + lost), the sign test: "
+             "|z| < 2 is within chance. Over-refusal on "
              f"{sizes['harmless_eval']} held-out "
              "NQ-open questions. One AdvBench prompt moves its rate by "
              f"{100 / max(sizes['harmful_eval']['advbench'], 1):.2f} points, one BeaverTails prompt by "
@@ -89,7 +97,7 @@ def markdown(results: Mapping[str, Any]) -> str:
             continue
         ft = _point(rows, "fine-tuned")
         lines += [f"## {method.upper()}-aligned pair (SST-2 attack, p = 0.05)", "",
-                  "| point | patched | AdvBench | BeaverTails | mean | cut % | FA | ΔFA (lost/won) | over-refusal |",
+                  "| point | patched | AdvBench | BeaverTails | mean | cut % | FA | ΔFA (lost/won, z) | over-refusal |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in rows:
             cut = _cut(ft["mean_nonrefusal"], r["mean_nonrefusal"]) if ft else None
@@ -97,7 +105,8 @@ def markdown(results: Mapping[str, Any]) -> str:
             paired = r.get("fa_paired") or {}
             lines.append(f"| {r['point']} | {r.get('patched', '–')} | {_fmt(r['hs_advbench'])} | "
                          f"{_fmt(r['hs_beavertails'])} | {_fmt(r['mean_nonrefusal'])} | {_fmt(cut)} | "
-                         f"{_fmt(r['fa_sst2'])} | {_fmt(delta)} ({paired.get('lost', '–')}/{paired.get('won', '–')}) | "
+                         f"{_fmt(r['fa_sst2'])} | {_fmt(delta)} ({paired.get('lost', '–')}/{paired.get('won', '–')}, "
+                         f"{_fmt(sign_z(paired))}) | "
                          f"{_fmt(r.get('over_refusal'))} |")
         if ft is not None:
             best = sorted(best_per_restorer(rows, ft["fa_sst2"] - BAR_FA).items(),
