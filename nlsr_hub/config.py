@@ -179,7 +179,10 @@ class NLSRConfig:
 # Named configurations (changes to the field defaults): the paper's NLSR settings stay one preset away whatever
 # the default becomes. "default" is the head-to-head's winner (results/restorers/results.md).
 PRESETS: dict[str, dict[str, Any]] = {
-    "default": {},
+    # the reference's safety-critical output rows (top 20 % by activation-weighted |ΔW_e|) added back once, in every
+    # module: on the demo's SFT pair it cut the mean non-refusal rate by 63 % and kept SST-2 accuracy
+    "default": {"restorer": "nlsr-addback", "granularity": "row", "selection": "fraction", "fraction": 1.0,
+                "strength": 1.0},
     "paper": {"restorer": "nlsr", "beta": 0.9, "scorer": "low_rank", "sparsity_ratio": 0.8, "granularity": "element",
               "selection": "adaptive", "prune_ratio": 0.5, "epsilon": 0.2, "restoration": "neuron"},
 }

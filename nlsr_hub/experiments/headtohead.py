@@ -65,8 +65,8 @@ def round_robin(sweeps: tuple[Sweep, ...], seed: int, base: Mapping[str, Any]) -
 
 # what a 2-core CPU should measure first (about 10 min a point): the candidates for the default at equal FA
 FIRST = ("addback strength=1", "nlsr-addback (rows) strength=2", "addback strength=1.5",
-         "nlsr-addback (rows) strength=1", "nlsr-dense (rows) fraction=1", "safelora fraction=0.5",
-         "interpolate strength=0.5", "nlsr-addback (rows) strength=1.5", "addback strength=1.25")
+         "nlsr-addback (rows) strength=1", "nlsr-dense (rows) fraction=1", "nlsr-addback (rows) strength=1.5",
+         "safelora fraction=0.5", "interpolate strength=0.5", "addback strength=1.25")
 
 HEAD_TO_HEAD_EVAL = EvalSettings(advbench=None, beavertails=None, harmless=100, hs_new_tokens=40, fa={"sst2": None},
                                  batch_size=32)
