@@ -64,7 +64,7 @@ def round_robin(sweeps: tuple[Sweep, ...], seed: int, base: Mapping[str, Any]) -
     return [lst[i] for i in range(max(map(len, lists), default=0)) for lst in lists if i < len(lst)]
 
 # what a 2-core CPU should measure first (about 10 min a point): the candidates for the default at equal FA
-FIRST = ("addback strength=1", "nlsr-addback (rows) strength=2", "addback strength=1.5",
+FIRST = ("nlsr (paper) prune_ratio=0.5", "addback strength=1", "nlsr-addback (rows) strength=2", "addback strength=1.5",
          "nlsr-addback (rows) strength=1", "nlsr-dense (rows) fraction=1", "nlsr-addback (rows) strength=1.5",
          "safelora fraction=0.5", "interpolate strength=0.5", "addback strength=1.25")
 
