@@ -110,8 +110,10 @@ def rank4_finetuned(trio, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def default_run(trio):
-    """`(patcher, result)` of one default realignment of the trio (built-in calibration data)."""
-    from nlsr_hub import NLSRPatcher
+    """`(patcher, result)` of one realignment of the trio with NLSR's paper settings (`NLSRConfig()`; built-in
+    calibration data)."""
+    from nlsr_hub import NLSRConfig, NLSRPatcher
 
-    patcher = NLSRPatcher.from_pretrained(trio.base, aligned=trio.aligned, finetuned=trio.finetuned)
+    patcher = NLSRPatcher.from_pretrained(trio.base, aligned=trio.aligned, finetuned=trio.finetuned,
+                                          config=NLSRConfig())
     return patcher, patcher.realign(progress=False)

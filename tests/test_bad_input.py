@@ -135,7 +135,7 @@ def test_pickled_weights_refused_by_default_and_accepted_with_allow_pickle(trio,
     with unchanged(ft_copy), pytest.raises(AdapterError, match=r"adapter_model\.bin.*allow_pickle=True"):
         realign(trio, finetuned=ft_copy)
     with unchanged(ft_copy):
-        result = realign(trio, finetuned=ft_copy, allow_pickle=True)
+        result = realign(trio, finetuned=ft_copy, allow_pickle=True, config=NLSRConfig())
     expected = load_adapter(trio.finetuned)
     pickled = load_adapter(ft_copy, allow_pickle=True)
     for name, module in expected.modules.items():
@@ -145,7 +145,7 @@ def test_pickled_weights_refused_by_default_and_accepted_with_allow_pickle(trio,
 
 def test_element_granularity_with_mismatched_ranks_suggests_row(trio, rank4_finetuned, unchanged):
     with unchanged(rank4_finetuned), pytest.raises(AdapterError, match=re.escape("granularity='row'")):
-        realign(trio, finetuned=rank4_finetuned)
+        realign(trio, finetuned=rank4_finetuned, config=NLSRConfig.preset("paper"))
     with unchanged(rank4_finetuned), pytest.raises(AdapterError, match=r"shared LoRA basis"):
         realign(trio, finetuned=rank4_finetuned, config=NLSRConfig(granularity="row", restoration="swap"))
 
@@ -153,7 +153,7 @@ def test_element_granularity_with_mismatched_ranks_suggests_row(trio, rank4_fine
 def test_weak_reference_at_element_granularity_suggests_row(trio, weak_adapter, unchanged):
     """EXPO with a weak adapter gives a rank r_a + r_w reference: no shared basis with the fine-tuned adapter."""
     with unchanged(weak_adapter), pytest.raises(AdapterError, match=r"rank 12 in the reference.*granularity='row'"):
-        realign(trio, weak=weak_adapter)
+        realign(trio, weak=weak_adapter, config=NLSRConfig.preset("paper"))
 
 
 def test_adapter_path_pointing_to_a_file(trio, unchanged):

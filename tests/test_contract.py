@@ -201,7 +201,8 @@ def test_files_written_and_plan_round_trip(default_run, tmp_path):
 
 def test_dry_run_gives_the_same_plan_and_no_adapter(trio, default_run):
     _, full = default_run
-    patcher = NLSRPatcher.from_pretrained(trio.base, aligned=trio.aligned, finetuned=trio.finetuned)
+    patcher = NLSRPatcher.from_pretrained(trio.base, aligned=trio.aligned, finetuned=trio.finetuned,
+                                          config=NLSRConfig())
     dry = patcher.realign(dry_run=True, progress=False)
     assert dry.adapter is None
     assert dry.plan == full.plan

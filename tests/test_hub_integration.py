@@ -29,7 +29,7 @@ try:
 except ImportError:  # tests/ imported as a package
     from tests.hub_server import HubServer, point_hf_client_at
 
-from nlsr_hub import AdapterError, NLSRPatcher, load_adapter
+from nlsr_hub import AdapterError, NLSRConfig, NLSRPatcher, load_adapter
 from nlsr_hub.card import BEGIN, END, TAGS, generated_section
 from nlsr_hub.cli import main
 
@@ -174,7 +174,8 @@ def run(hub, tmp_path_factory):
     """The direct run: everything pulled from the Hub by id, the fine-tuned adapter at revision v2."""
     cache = tmp_path_factory.mktemp("run_cache")
     seen = len(hub.requests)
-    patcher = NLSRPatcher.from_pretrained(BASE, aligned=ALIGNED, finetuned=f"{FT}@v2", cache_dir=cache, token=TOKEN)
+    patcher = NLSRPatcher.from_pretrained(BASE, aligned=ALIGNED, finetuned=f"{FT}@v2", cache_dir=cache, token=TOKEN,
+                                          config=NLSRConfig())
     result = patcher.realign(progress=False)
     return SimpleNamespace(patcher=patcher, result=result, requests=list(hub.requests[seen:]), cache=cache)
 

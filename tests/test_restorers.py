@@ -64,11 +64,14 @@ def test_addback_and_interpolate_equal_their_dense_definitions(pair, strength):
     assert adapter is finetuned  # nothing to do: the fine-tuned adapter itself
 
 
-def test_addback_rank_is_the_sum_and_the_plan_records_it(pair):
+def test_addback_rank_is_the_sum_and_a_dry_run_gives_the_same_plan(pair):
     aligned, finetuned = pair
-    plan, adapter = restore(RestoreInputs(finetuned=finetuned, aligned=aligned), NLSRConfig(restorer="addback"))
+    inputs, config = RestoreInputs(finetuned=finetuned, aligned=aligned), NLSRConfig(restorer="addback")
+    plan, adapter = restore(inputs, config)
     assert all(m.rank == 8 for m in adapter.modules.values())
-    assert all(d.rank == 8 and d.error is None for d in plan.modules)
+    assert all(d.rank is None and d.error is None for d in plan.modules)  # exact: nothing to report
+    dry, none = restore(inputs, config, build=False)
+    assert none is None and dry == plan
 
 
 def test_safelora_restorer_matches_the_safelora_function(pair):
@@ -120,10 +123,12 @@ def test_dense_restorers_against_the_dense_definition(pair, granularity, name):
             continue
         want = t + m * (e - t) if name == "nlsr-dense" else t + 1.5 * m * e
         assert torch.allclose(adapter.modules[module].delta().double(), want, atol=1e-4)
-        if granularity == "row":
-            assert plan.decision(module).rank == 8 and plan.decision(module).error is None
+        if granularity == "row":  # exact: the plan equals a dry run's, the rank is the sum
+            assert adapter.modules[module].rank == 8 and plan.decision(module).error is None
         else:
             assert plan.decision(module).error == pytest.approx(0.0, abs=1e-6)
+    if granularity == "row":
+        assert restore(RestoreInputs(finetuned=finetuned, patch=patch), config, build=False)[0] == plan
 
 
 def test_element_refactorisation_error_is_bounded_by_the_kept_energy(pair):
@@ -231,12 +236,16 @@ def test_presets_and_the_cli_restorer_flags():
 
     paper = NLSRConfig.preset("paper")
     assert (paper.restorer, paper.selection, paper.granularity, paper.beta) == ("nlsr", "adaptive", "element", 0.9)
-    assert NLSRConfig.preset("default") == NLSRConfig()
+    default = NLSRConfig.preset("default")  # the head-to-head's winner: the reference's critical rows added back
+    assert (default.restorer, default.granularity, default.selection, default.fraction) == (
+        "nlsr-addback", "row", "fraction", 1.0)
     with pytest.raises(ValueError, match="Unknown preset"):
         NLSRConfig.preset("fast")
     args = build_parser().parse_args(["plan", "--base", "b", "--aligned", "a", "--finetuned", "f", "--preset", "paper",
                                       "--fraction", "0.3"])
     assert config_from_args(args) == paper.replace(fraction=0.3)  # flags win over the preset
+    args = build_parser().parse_args(["plan", "--base", "b", "--aligned", "a", "--finetuned", "f"])
+    assert config_from_args(args) == default  # no preset: the default preset
     args = build_parser().parse_args(["plan", "--base", "b", "--aligned", "a", "--finetuned", "f", "--restorer",
                                       "addback", "--strength", "1.5"])
     assert config_from_args(args).restorer == "addback" and config_from_args(args).strength == 1.5

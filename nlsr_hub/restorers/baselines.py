@@ -12,7 +12,7 @@ from typing import Any
 from ..adapters import LoraAdapter, LoraModule
 from ..config import NLSRConfig
 from ..lowrank import combine
-from ..plan import plan_realignment, with_outcomes
+from ..plan import plan_realignment
 from ..selection import Selection, similarity_order
 from ..similarity import lowrank_cosine
 from . import RestoreInputs, register_restorer
@@ -56,8 +56,7 @@ def _linear_restorer(inputs: RestoreInputs, config: NLSRConfig, build: bool, coe
     c_t, c_a = coefficients
     modules = {name: combine([(c_t, t), (c_a, aligned.modules[name])], scale=t.scale, dtype_A=t.A.dtype,
                              dtype_B=t.B.dtype) for name, t in target.modules.items()}
-    ranks = {name: m.rank for name, m in modules.items()}
-    return with_outcomes(plan, ranks, {}), _replace_modules(target, modules)
+    return plan, _replace_modules(target, modules)  # exact: the plan is a dry run's
 
 
 def _replace_modules(target: LoraAdapter, modules: dict[str, LoraModule]) -> LoraAdapter:

@@ -8,9 +8,10 @@ The similarity is ``cos_F(M⊙ΔW_e, M⊙ΔW_t)``; modules are selected from it 
 - ``nlsr-dense`` transplants: ``ΔW'' = ΔW_t + M⊙(ΔW_e − ΔW_t)`` (masked entries become the reference's);
 - ``nlsr-addback`` adds: ``ΔW'' = ΔW_t + λ·M⊙ΔW_e`` (the reference's safety-critical part added back).
 
-At row granularity the result is an exact LoRA of rank r_t + r_e. At element granularity the correction is
-re-factorised by truncated SVD (`kept_energy`), appended to the fine-tuned factors; each module's rank and the
-correction's relative error are recorded in the plan. Never more than one module's d_out × d_in is in memory.
+At row granularity the result is an exact LoRA of rank r_t + r_e (the plan equals a dry run's). At element
+granularity the correction is re-factorised by truncated SVD (`kept_energy`), appended to the fine-tuned factors;
+each such module's rank and the correction's relative error are recorded in the plan (a dry run cannot know
+them). Never more than one module's d_out × d_in is in memory.
 """
 
 from __future__ import annotations
@@ -102,9 +103,8 @@ def _restore_dense(inputs: RestoreInputs, config: NLSRConfig, build: bool, opera
         reference = patch.reference.modules[name]
         mask = dense_mask(reference, patch.input_norms[name], config.sparsity_ratio, granularity)
         modules[name], error = _restore_module(reference, target.modules[name], mask, operation, config)
-        ranks[name] = modules[name].rank
-        if error is not None:
-            errors[name] = error
+        if error is not None:  # re-factorised (element granularity): its rank and error go into the plan
+            ranks[name], errors[name] = modules[name].rank, error
     adapter = LoraAdapter(modules=modules, config=dict(target.config), extra_tensors=dict(target.extra_tensors))
     return with_outcomes(plan, ranks, errors), adapter
 
