@@ -29,7 +29,7 @@ try:
 except ImportError:  # tests/ imported as a package
     from tests.hub_server import HubServer, point_hf_client_at
 
-from nlsr_hub import AdapterError, NLSRConfig, NLSRPatcher, load_adapter
+from nlsr_hub import AdapterError, NLSRPatcher, load_adapter
 from nlsr_hub.card import BEGIN, END, TAGS, generated_section
 from nlsr_hub.cli import main
 
@@ -174,8 +174,7 @@ def run(hub, tmp_path_factory):
     """The direct run: everything pulled from the Hub by id, the fine-tuned adapter at revision v2."""
     cache = tmp_path_factory.mktemp("run_cache")
     seen = len(hub.requests)
-    patcher = NLSRPatcher.from_pretrained(BASE, aligned=ALIGNED, finetuned=f"{FT}@v2", cache_dir=cache, token=TOKEN,
-                                          config=NLSRConfig())
+    patcher = NLSRPatcher.from_pretrained(BASE, aligned=ALIGNED, finetuned=f"{FT}@v2", cache_dir=cache, token=TOKEN)
     result = patcher.realign(progress=False)
     return SimpleNamespace(patcher=patcher, result=result, requests=list(hub.requests[seen:]), cache=cache)
 
@@ -197,7 +196,7 @@ def no_backoff_sleep(monkeypatch):
 # ------------------------------------------------------------------------------------ 1. pull by id / revision
 
 
-def test_pull_by_id_and_revision_records_lineage_and_downloads_only_needed_files(hub, run, default_run):
+def test_pull_by_id_and_revision_records_lineage_and_downloads_only_needed_files(hub, run, trio):
     inputs = run.result.plan.inputs
     assert hub.seeded.v2 != hub.seeded.main
     assert inputs["finetuned"] == {"spec": f"{FT}@v2", "repo_id": FT, "revision": "v2",
@@ -210,7 +209,9 @@ def test_pull_by_id_and_revision_records_lineage_and_downloads_only_needed_files
     assert json.loads(run.result.plan.to_json())["inputs"] == inputs  # recorded in nlsr_plan.json too
 
     # v2 is what was realigned: same reference and masks as the local run of main, one more module damaged
-    direct, via_hub = similarities(default_run[1]), similarities(run.result)
+    local = NLSRPatcher.from_pretrained(trio.base, aligned=trio.aligned, finetuned=trio.finetuned,
+                                        config=run.patcher.config).realign(progress=False)
+    direct, via_hub = similarities(local), similarities(run.result)
     assert via_hub.keys() == direct.keys()
     for name in direct:
         if name != V2_DAMAGED:
