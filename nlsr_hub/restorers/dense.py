@@ -28,15 +28,15 @@ from ..plan import plan_realignment, with_outcomes
 from . import RestoreInputs, register_restorer
 
 
-def dense_scores(reference: LoraModule, input_norm: torch.Tensor) -> torch.Tensor:
-    """``|ΔW_e| ⊙ ‖x_j‖`` (d_out × d_in, float32)."""
-    return reference.delta().abs() * input_norm.to(torch.float32).reshape(1, -1)
-
-
 def dense_mask(reference: LoraModule, input_norm: torch.Tensor, sparsity_ratio: float, granularity: str
                ) -> torch.Tensor:
     """The safety-critical mask: (d_out × d_in) bool at element granularity, (d_out,) rows at row granularity."""
-    scores = dense_scores(reference, input_norm)
+    return _mask(reference.delta(), input_norm, sparsity_ratio, granularity)
+
+
+def _mask(delta_e: torch.Tensor, input_norm: torch.Tensor, sparsity_ratio: float, granularity: str) -> torch.Tensor:
+    """`dense_mask` from the reference's dense update: top ``1 − P_SR`` of ``|ΔW_e| ⊙ ‖x_j‖``."""
+    scores = delta_e.abs() * input_norm.to(torch.float32).reshape(1, -1)
     keep = 1.0 - sparsity_ratio
     if granularity == "row":
         return top_fraction_mask(scores.to(torch.float64).sum(dim=1), keep)
@@ -49,8 +49,12 @@ def _expand(mask: torch.Tensor) -> torch.Tensor:
 
 def masked_cosine(reference: LoraModule, finetuned: LoraModule, mask: torch.Tensor) -> float:
     """``cos_F(M⊙ΔW_e, M⊙ΔW_t)`` in float64 (1 when both masked updates are zero, 0 when one is)."""
+    return _cosine(reference.delta(), finetuned.delta(), mask)
+
+
+def _cosine(delta_e: torch.Tensor, delta_t: torch.Tensor, mask: torch.Tensor) -> float:
     m = _expand(mask).to(torch.float64)
-    e, t = reference.delta().to(torch.float64) * m, finetuned.delta().to(torch.float64) * m
+    e, t = delta_e.to(torch.float64) * m, delta_t.to(torch.float64) * m
     ne, nt = float(e.norm()), float(t.norm())
     if ne == 0.0 and nt == 0.0:
         return 1.0
@@ -89,19 +93,24 @@ def _restore_dense(inputs: RestoreInputs, config: NLSRConfig, build: bool, opera
                          "safety patch has none: build it with an activation scorer (`scorer='low_rank'` or 'wanda').")
     check_compatible_modules(patch.reference, target, granularity="row", restoration="neuron")
     granularity = config.granularity
-    sims, counts = {}, {}
-    for name in sorted(target.modules):
+    sims, counts, rows = {}, {}, {}
+    for name in sorted(target.modules):  # one reference update per module in memory at a time
         reference = patch.reference.modules[name]
-        mask = dense_mask(reference, patch.input_norms[name], config.sparsity_ratio, granularity)
-        sims[name] = masked_cosine(reference, target.modules[name], mask)
+        delta_e = reference.delta()
+        mask = _mask(delta_e, patch.input_norms[name], config.sparsity_ratio, granularity)
+        sims[name] = _cosine(delta_e, target.modules[name].delta(), mask)
         counts[name] = _mask_counts(mask, reference.shape)
+        if mask.ndim == 1:  # row masks are d_out bools: kept for the build; element masks are recomputed there
+            rows[name] = mask
     plan = plan_realignment(sims, counts, config, inputs=inputs.lineage, calibration=inputs.calibration)
     if not build:
         return plan, None
     modules, ranks, errors = dict(target.modules), {}, {}
     for name in plan.patched:
         reference = patch.reference.modules[name]
-        mask = dense_mask(reference, patch.input_norms[name], config.sparsity_ratio, granularity)
+        mask = rows.get(name)
+        if mask is None:
+            mask = dense_mask(reference, patch.input_norms[name], config.sparsity_ratio, granularity)
         modules[name], error = _restore_module(reference, target.modules[name], mask, operation, config)
         if error is not None:  # re-factorised (element granularity): its rank and error go into the plan
             ranks[name], errors[name] = modules[name].rank, error
