@@ -153,22 +153,11 @@ def encode_pair(tokenizer: Any, prompt: str, response: str, max_length: int) -> 
     return EncodedSample(tuple(full_ids), tuple(mask))
 
 
-def encode_pairs(
-    tokenizer: Any, pairs: Sequence[CalibrationPair], max_length: int, *, use_rejected: bool = False
-) -> list[EncodedSample]:
-    """Encode every pair (the `rejected` responses if `use_rejected`); pairs left without a response token
-    after truncation are dropped, and a `ValueError` is raised if none remains."""
-    samples = []
-    for pair in pairs:
-        response = pair.rejected if use_rejected else pair.response
-        if response is None:
-            raise ValueError(
-                "The `preference_snip` scorer needs a `rejected` response for every calibration pair "
-                "(dicts with 'rejected', or (prompt, chosen, rejected) tuples)."
-            )
-        sample = encode_pair(tokenizer, pair.prompt, response, max_length)
-        if any(sample.response_mask):
-            samples.append(sample)
+def encode_pairs(tokenizer: Any, pairs: Sequence[CalibrationPair], max_length: int) -> list[EncodedSample]:
+    """Encode every pair's (prompt, safe response); pairs left without a response token after truncation are
+    dropped, and a `ValueError` is raised if none remains (preference pairs: `encode_preference_pairs`)."""
+    samples = [sample for pair in pairs
+               if any((sample := encode_pair(tokenizer, pair.prompt, pair.response, max_length)).response_mask)]
     if not samples:
         raise ValueError(
             f"No calibration pair has a response token within `max_length={max_length}`; raise `max_length` "
