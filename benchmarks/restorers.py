@@ -18,6 +18,16 @@ import sys
 from pathlib import Path
 
 
+def _max_points(text: str) -> int | dict[str, int]:
+    """``N`` or ``method=N,method=N``."""
+    try:
+        if "=" not in text:
+            return int(text)
+        return {k.strip(): int(v) for k, v in (part.split("=", 1) for part in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or method=N,...; got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("results/restorers"), help="results folder")
@@ -26,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, help="nlsr cache (default $NLSR_CACHE or ~/.cache/nlsr-hub)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("NLSR_THREADS", "0") or 0))
     parser.add_argument("--no-reference", action="store_true", help="skip evaluating the EXPO reference itself")
-    parser.add_argument("--max-points", type=int, help="run only the first N points per pair (in their priority "
-                        "order; the rest are listed as not run)")
+    parser.add_argument("--max-points", type=_max_points, help="run only the first N points per pair (in their "
+                        "priority order; the rest are listed as not run): N, or per pair as sft=11,dpo=7")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.threads > 0:

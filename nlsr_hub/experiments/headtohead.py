@@ -83,13 +83,20 @@ class HeadToHeadSettings:
     sweeps: tuple[Sweep, ...] = SWEEPS
     evaluate_reference: bool = True
     first: tuple[str, ...] = FIRST  # point labels run before the round-robin rest, in this order
-    max_points: int | None = None  # run only the first N points of each pair (the report lists the rest as not run)
+    # run only the first N points of each pair, or of each named pair (the report lists the rest as not run)
+    max_points: int | Mapping[str, int] | None = None
+
+    def points_limit(self, method: str) -> int | None:
+        """How many points of `method`'s pair to run (None: all)."""
+        if isinstance(self.max_points, Mapping):
+            return self.max_points.get(method)
+        return self.max_points
 
     def to_dict(self) -> dict[str, Any]:
         return {"pair": self.pair.to_dict(), "methods": list(self.methods), "preference_chosen": self.preference_chosen,
                 "eval": self.eval.to_dict(), "sweeps": [dataclasses.asdict(s) for s in self.sweeps],
                 "evaluate_reference": self.evaluate_reference, "first": list(self.first),
-                "max_points": self.max_points}
+                "max_points": dict(self.max_points) if isinstance(self.max_points, Mapping) else self.max_points}
 
 
 def mean_nonrefusal(row: Mapping[str, Any]) -> float:
@@ -185,9 +192,10 @@ def run_head_to_head(settings: HeadToHeadSettings = HeadToHeadSettings(), *, out
                       (rows, calib_key))
         finetuned_row = None
         points = _points(settings, pair, fixed)
-        if settings.max_points is not None:
-            results.setdefault("not_run", {})[method] = [label for label, _, _ in points[settings.max_points:]]
-            points = points[: settings.max_points]
+        limit = settings.points_limit(method)
+        if limit is not None:
+            results.setdefault("not_run", {})[method] = [label for label, _, _ in points[limit:]]
+            points = points[:limit]
         for label, config, model in points:
             row = _run_point(ctx, eval_data, fixed, label, config, model, finetuned_row)
             finetuned_row = finetuned_row or row
