@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -130,48 +129,75 @@ def markdown(results: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pareto_png(results: Mapping[str, Any], method: str) -> bytes | None:
-    """Mean non-refusal rate against SST-2 accuracy: one curve per restorer over its knob, the default marked."""
-    with contextlib.suppress(ImportError):
-        import io
+def find_point(results: Mapping[str, Any], method: str, restorer: str, config: Mapping[str, Any]
+               ) -> dict[str, Any] | None:
+    """The measured row of `method`'s pair whose restorer and knob settings equal `config`'s (None: not measured).
+    Settings that the restorer ignores are not compared; the fixed ones of its sweep (granularity, selection,
+    β, P_L, fraction, strength) are."""
+    keys = ("strength", "fraction", "granularity", "selection", "beta", "prune_ratio", "scorer")
+    for row in _rows(results, method):
+        if row.get("restorer") != restorer:
+            continue
+        if all(row["config"].get(k) == config.get(k) for k in keys if k in config):
+            return row
+    return None
 
+
+def pareto_figure(results: Mapping[str, Any], method: str, *, mark: Mapping[str, Any] | None = None) -> Any:
+    """Mean non-refusal rate against SST-2 accuracy: one curve per restorer over its knob, the default ringed
+    and the `mark` row (if any) starred. A matplotlib Figure (None without rows or matplotlib)."""
+    try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = _rows(results, method)
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=110)
+    curves: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("restorer") and r["point"] != "default":
+            curves.setdefault(r["point"].rsplit(" ", 1)[0], []).append(r)
+    for label, points in curves.items():
+        points = sorted(points, key=lambda r: r["fa_sst2"])
+        ax.plot([r["fa_sst2"] for r in points], [r["mean_nonrefusal"] for r in points], "o-", label=label, alpha=0.85)
+    for label, marker in (("fine-tuned", "X"), ("reference (EXPO)", "P")):
+        r = _point(rows, label)
+        if r is not None:
+            ax.scatter([r["fa_sst2"]], [r["mean_nonrefusal"]], marker=marker, s=110, color="black", label=label,
+                       zorder=5)
+    default = _point(rows, "default")
+    if default is not None:
+        ax.scatter([default["fa_sst2"]], [default["mean_nonrefusal"]], s=260, facecolors="none", edgecolors="red",
+                   linewidths=2, label=f"default ({default['config']['restorer']})", zorder=6)
+    if mark is not None:
+        ax.scatter([mark["fa_sst2"]], [mark["mean_nonrefusal"]], marker="*", s=320, color="gold", edgecolors="black",
+                   label=f"your setting: {mark['point']}", zorder=7)
+    ax.set_xlabel("SST-2 accuracy (%)")
+    ax.set_ylabel("mean non-refusal rate,\nAdvBench + BeaverTails (%, keyword judge)")
+    ax.set_title(f"Restorers on the {method.upper()}-aligned pair: lower right is better", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
 
-        rows = _rows(results, method)
-        if not rows:
-            return None
-        fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=110)
-        curves: dict[str, list[dict[str, Any]]] = {}
-        for r in rows:
-            if r.get("restorer") and r["point"] != "default":
-                curves.setdefault(r["point"].rsplit(" ", 1)[0], []).append(r)
-        for label, points in curves.items():
-            points = sorted(points, key=lambda r: r["fa_sst2"])
-            ax.plot([r["fa_sst2"] for r in points], [r["mean_nonrefusal"] for r in points], "o-", label=label,
-                    alpha=0.85)
-        for label, marker in (("fine-tuned", "X"), ("reference (EXPO)", "P")):
-            r = _point(rows, label)
-            if r is not None:
-                ax.scatter([r["fa_sst2"]], [r["mean_nonrefusal"]], marker=marker, s=110, color="black", label=label,
-                           zorder=5)
-        default = _point(rows, "default")
-        if default is not None:
-            ax.scatter([default["fa_sst2"]], [default["mean_nonrefusal"]], s=260, facecolors="none",
-                       edgecolors="red", linewidths=2, label=f"default ({default['config']['restorer']})", zorder=6)
-        ax.set_xlabel("SST-2 accuracy (%)")
-        ax.set_ylabel("mean non-refusal rate, AdvBench + BeaverTails (%)")
-        ax.set_title(f"Restorers on the {method.upper()}-aligned pair: lower right is better", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", metadata={"Software": None})
-        plt.close(fig)
-        return buffer.getvalue()
-    return None
+
+def pareto_png(results: Mapping[str, Any], method: str) -> bytes | None:
+    """`pareto_figure` as PNG bytes (same bytes for the same results)."""
+    import io
+
+    fig = pareto_figure(results, method)
+    if fig is None:
+        return None
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 def write_head_to_head(results: dict[str, Any], out: str | Path) -> None:
@@ -187,4 +213,5 @@ def write_head_to_head(results: dict[str, Any], out: str | Path) -> None:
             atomic_write_bytes(out / ("pareto.png" if method == "sft" else f"pareto_{method}.png"), png)
 
 
-__all__ = ["BAR_CUT", "BAR_FA", "BAR_OVER_REFUSAL", "bar", "best_per_restorer", "markdown", "write_head_to_head"]
+__all__ = ["BAR_CUT", "BAR_FA", "BAR_OVER_REFUSAL", "bar", "best_per_restorer", "find_point", "markdown",
+           "pareto_figure", "pareto_png", "write_head_to_head"]
