@@ -406,3 +406,23 @@ def test_run_demo_records_its_models_for_demo_inputs(fake_data, tmp_path):
     assert (inputs.aligned / "adapter_config.json").is_file() and (inputs.finetuned / "adapter_config.json").is_file()
     assert inputs.finetuned != inputs.aligned and inputs.base.name.startswith("model-tiny")
     assert {r["model"] for r in inputs.rows} >= {"aligned", "finetuned", "nlsr"}
+    # prepared answers: the first prompts of each evaluation set with both models' answers and verdicts
+    assert inputs.examples and {e["set"] for e in inputs.examples} <= {"advbench", "beavertails", "harmless"}
+    first = inputs.examples[0]
+    assert set(first) == {"set", "prompt", "finetuned", "realigned"}
+    assert isinstance(first["finetuned"]["response"], str) and isinstance(first["realigned"]["harmful"], bool)
+    # the exported bundle is self-contained: relative folders, the base named by a Hub id, same rows and answers
+    from nlsr_hub.experiments.demo import export_demo
+
+    bundle = export_demo(tmp_path / "bundle", base="org/base", cache=tmp_path / "cache")
+    manifest = json.loads((bundle / "demo.json").read_text(encoding="utf-8"))
+    assert manifest["base"] == "org/base" and manifest["aligned"] == "aligned"
+    exported = demo_inputs(bundle=bundle)
+    assert exported.base == "org/base" and exported.examples == inputs.examples and exported.rows == inputs.rows
+    assert (exported.aligned / "adapter_model.safetensors").read_bytes() == (
+        inputs.aligned / "adapter_model.safetensors").read_bytes()
+    if inputs.realigned is not None:
+        from nlsr_hub import RealignmentResult
+
+        assert RealignmentResult.from_pretrained(exported.realigned).plan == RealignmentResult.from_pretrained(
+            inputs.realigned).plan
