@@ -73,7 +73,33 @@ def _intro(plan: RealignmentPlan) -> str:
             f"with its restorer `{plan.restorer}`: {what}")
 
 
-def _section(plan: RealignmentPlan, base_model: str | None, repo_id: str | None, with_plot: bool) -> str:
+def _cell(value: Any) -> str:
+    return "-" if value is None or value == "" else str(value).replace("|", "\\|")
+
+
+def _evaluation_lines(eval_results: Sequence[Any]) -> list[str]:
+    """The card's table of measured figures: each with its judge's id, revision and threshold, n and command."""
+    rows = ["### Evaluation (measured)", "",
+            "| figure | dataset | value | judge | judge model | revision (commit) | threshold / rule | n | command |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for result in eval_results:
+        args = dict(getattr(result, "metric_args", None) or {})
+        revision = args.get("judge_revision")
+        if args.get("judge_commit"):
+            revision = f"{revision or '-'} ({args['judge_commit']})"
+        rule = args.get("threshold") if args.get("threshold") is not None else args.get("decision")
+        command = f"`{args['command']}`" if args.get("command") else "-"
+        rows.append(f"| {_cell(result.metric_name or result.metric_type)} | {_cell(result.dataset_name)} | "
+                    f"{_cell(result.metric_value)} | {_cell(args.get('judge'))} | {_cell(args.get('judge_model'))} | "
+                    f"{_cell(revision)} | {_cell(rule)} | {_cell(args.get('n'))} | {command} |")
+    rows += ["", "The non-refusal rate is the share of answers to harmful prompts without a refusal cue (keyword "
+             "detector): it measures non-refusal, not harm. A harmful score is the share a harm judge flags. "
+             "Over-refusal is the share of harmless prompts refused; it stands beside every safety figure.", ""]
+    return rows
+
+
+def _section(plan: RealignmentPlan, base_model: str | None, repo_id: str | None, with_plot: bool,
+             eval_results: Sequence[Any] = ()) -> str:
     summary = plan.summary()
     lines = [
         BEGIN, "",
@@ -103,6 +129,7 @@ def _section(plan: RealignmentPlan, base_model: str | None, repo_id: str | None,
     lines += [
         *_layer_table(plan), "",
         "The full per-module plan (similarity, random draw, decision, neurons restored) is in `nlsr_plan.json`.", "",
+        *(_evaluation_lines(eval_results) if eval_results else []),
         "### How to load", "", "```python",
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM", "",
@@ -139,7 +166,8 @@ def render_card(
         data.eval_results = list(eval_results)
         data.model_name = data.model_name or (repo_id.split("/")[-1] if repo_id else "nlsr-realigned-adapter")
     title = repo_id.split("/")[-1] if repo_id else "NLSR-realigned LoRA adapter"
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n# {title}\n\n{_section(plan, base_model, repo_id, with_plot)}\n")
+    section = _section(plan, base_model, repo_id, with_plot, eval_results or ())
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n# {title}\n\n{section}\n")
     return card if existing is None else merge_cards(existing, card)
 
 

@@ -176,23 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--token", help="Hub token (never printed or stored).")
     _add_push_arguments(push, flag=False)
 
-    evaluate = command("evaluate", "Harmful score and/or task accuracy of a base model with an adapter.",
-                       _cmd_evaluate)
-    evaluate.add_argument("--base", required=True, help="Base model: local folder or Hub id.")
-    evaluate.add_argument("--adapter", help="LoRA adapter to evaluate (default: the base model alone).")
-    evaluate.add_argument("--harmful-prompts", type=Path,
-                          help="CSV (goal/prompt column) or JSON/JSONL of harmful prompts: reports the harmful score.")
-    evaluate.add_argument("--judge", default="refusal",
-                          help="Judge: refusal (offline default), beaver_dam, or classifier:<model id or path>.")
-    evaluate.add_argument("--task", choices=("sst2", "ag_news", "gsm8k"), help="Task for fine-tune accuracy.")
-    evaluate.add_argument("--task-data", type=Path, help="JSON/JSONL task rows (instruction, input, output).")
-    evaluate.add_argument("--limit", type=int, default=None, help="Evaluate the first N prompts/examples only.")
-    evaluate.add_argument("--max-new-tokens", type=int, default=None,
-                          help="New tokens per answer (default: 64 for harmful prompts, the task's own otherwise).")
-    evaluate.add_argument("--batch-size", type=int, default=8, help="Generation batch size.")
-    evaluate.add_argument("--output", type=Path, help="Write per-prompt verdicts and aggregates to this JSON file.")
-    evaluate.add_argument("--dtype", default=None, help="Model dtype (default float32).")
-    evaluate.add_argument("--device", default=None, help="Device, e.g. cuda (default cpu).")
+    evaluate = command("evaluate", "Safety (each judge's figure beside over-refusal, judges' agreement) and/or task "
+                       "accuracy of a base model with an adapter.", _cmd_evaluate)
+    _add_evaluate_arguments(evaluate)
     _add_hub_arguments(evaluate)
 
     demo = command("demo", "The real demo: SmolLM2-135M-Instruct safety-aligned, attacked (SST-2, 5 % harmful rows) "
@@ -315,36 +301,100 @@ def _cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_evaluate_arguments(evaluate: argparse.ArgumentParser) -> None:
+    """The flags of `nlsr evaluate`; its description lists every registered judge."""
+    from .evaluation.judges import judge_help
+
+    evaluate.description = (f"{evaluate.description}\n\njudges (--judge NAME[:MODEL[@REVISION]],...):\n  "
+                            + judge_help().replace("\n", "\n  "))
+    evaluate.add_argument("--base", required=True, help="Base model: local folder or Hub id.")
+    evaluate.add_argument("--adapter", help="LoRA adapter to evaluate (default: the base model alone).")
+    evaluate.add_argument("--harmful-prompts", type=Path,
+                          help="CSV (goal/prompt column) or JSON/JSONL of harmful prompts: reports each judge's figure "
+                          "(non-refusal rate for the keyword detector, harmful score for a harm judge).")
+    evaluate.add_argument("--harmless-prompts", type=Path,
+                          help="Harmless prompts (same formats) for the over-refusal reported beside every safety "
+                          "figure (default: nlsr-hub's 24 built-in harmless prompts).")
+    evaluate.add_argument("--judge", default="refusal",
+                          help="Comma-separated judges (listed above), e.g. refusal,harmaug; with two or more, their "
+                          "pairwise agreement is reported too (default: refusal, the keyword detector).")
+    evaluate.add_argument("--task", choices=("sst2", "ag_news", "gsm8k"), help="Task for fine-tune accuracy.")
+    evaluate.add_argument("--task-data", type=Path, help="JSON/JSONL task rows (instruction, input, output).")
+    evaluate.add_argument("--limit", type=int, default=None, help="Evaluate the first N prompts/examples only.")
+    evaluate.add_argument("--max-new-tokens", type=int, default=None,
+                          help="New tokens per answer (default: 64 for harmful prompts, the task's own otherwise).")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="Generation batch size.")
+    evaluate.add_argument("--output", type=Path, help="Write per-prompt verdicts and aggregates to this JSON file.")
+    evaluate.add_argument("--update-card", action="store_true",
+                          help="Write the figures into the adapter folder's model card (README.md model-index and "
+                          "evaluation table, with each judge's id, revision and threshold); the adapter must be a "
+                          "folder saved by `nlsr realign`.")
+    evaluate.add_argument("--dtype", default=None, help="Model dtype (default float32).")
+    evaluate.add_argument("--device", default=None, help="Device for the model and judges, e.g. cuda (default cpu).")
+
+
+def _evaluate_command(args: argparse.Namespace) -> str:
+    """The `nlsr evaluate` command line that reproduces this run (the token is never included)."""
+    flags = ["base", "adapter", "harmful_prompts", "harmless_prompts", "judge", "task", "task_data", "limit",
+             "max_new_tokens", "batch_size", "dtype", "device", "revision"]
+    parts = ["nlsr evaluate"]
+    for name in flags:
+        value = getattr(args, name, None)
+        if value is not None:
+            parts.append(f"--{name.replace('_', '-')} {value}")
+    return " ".join(parts)
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from .evaluation import harmful_score, load_prompts, load_task_examples, task_accuracy
+    from .evaluation import load_prompts, load_task_examples, task_accuracy, to_eval_results
+    from .evaluation.judges import split_judge_specs
     from .evaluation.loading import load_for_evaluation
+    from .evaluation.report import write_card_evaluation
+    from .evaluation.safety import evaluate_safety
     from .io import atomic_write_text
 
     if args.harmful_prompts is None and args.task is None:
         raise ValueError("Nothing to evaluate: pass `--harmful-prompts FILE` and/or `--task NAME --task-data FILE`.")
     if args.task is not None and args.task_data is None:
         raise ValueError("`--task` needs `--task-data FILE` (rows with instruction, input, output).")
+    from .preflight import check_evaluate
+
+    check_evaluate(args)
+    if args.update_card and (args.adapter is None or not (Path(args.adapter) / "nlsr_plan.json").is_file()):
+        raise ValueError("`--update-card` needs `--adapter` to be a local folder saved by `nlsr realign` "
+                         "(with nlsr_plan.json).")
+    split_judge_specs(args.judge)  # refuse a bad --judge before loading any model
     model, tokenizer = load_for_evaluation(args.base, args.adapter, dtype=args.dtype, device=args.device,
+                                           allow_pickle=args.allow_pickle,
                                            **_hub_kwargs(args))
-    report: dict[str, Any] = {"base": args.base, "adapter": args.adapter}
+    command = _evaluate_command(args)
+    report: dict[str, Any] = {"base": args.base, "adapter": args.adapter, "command": command}
+    figures: list[Any] = []
     if args.harmful_prompts is not None:
         prompts = load_prompts(args.harmful_prompts, limit=args.limit)
-        result = harmful_score(model, tokenizer, prompts, judge=args.judge, max_new_tokens=args.max_new_tokens or 64,
-                               batch_size=args.batch_size)
-        report["harmful"] = result.to_dict()
-        print(f"harmful score: {result.score:.1f}% of {len(prompts)} prompts (judge: {args.judge}); "
-              f"refusal rate {result.refusal_rate:.1f}%")
+        harmless = load_prompts(args.harmless_prompts, limit=args.limit) if args.harmless_prompts else None
+        safety = evaluate_safety(model, tokenizer, prompts, judges=args.judge, harmless_prompts=harmless,
+                                 max_new_tokens=args.max_new_tokens or 64, batch_size=args.batch_size,
+                                 token=args.token, device=args.device)
+        report["safety"] = safety.to_dict()
+        figures += list(safety.results)
+        print("\n".join(safety.lines()))
     if args.task is not None:
         examples = load_task_examples(args.task, args.task_data, limit=args.limit)
         accuracy = task_accuracy(model, tokenizer, args.task, examples, max_new_tokens=args.max_new_tokens,
                                  batch_size=args.batch_size)
         report["task"] = accuracy.to_dict()
+        figures.append(accuracy)
         print(f"{args.task} accuracy: {accuracy.accuracy:.1f}% of {len(examples)} examples")
     if args.output is not None:
         atomic_write_text(args.output, json.dumps(report, indent=2) + "\n")
         print(f"per-prompt results written to {args.output}")
+    if args.update_card:
+        dataset = args.harmful_prompts.name if args.harmful_prompts is not None else None
+        card = write_card_evaluation(args.adapter, to_eval_results(*figures, dataset_name=dataset, command=command))
+        print(f"model card updated: {card}")
     return 0
 
 

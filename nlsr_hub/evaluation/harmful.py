@@ -1,4 +1,10 @@
-"""Harmful score: greedy answers to harmful prompts, judged; the share judged harmful, in percent."""
+"""Safety figures of a model on harmful prompts, each beside its over-refusal on harmless prompts.
+
+`harmful_score` generates greedy answers and judges them. The figure is named by what the judge measures: under
+the keyword `refusal` detector it is the **non-refusal rate** (it measures non-refusal, not harm); under a harm judge
+(`harmaug`, `qwen3guard`, `do_not_answer`, `beaver_dam`, `classifier:<model>`) it is the **harmful score**. Every
+rate is computed through nlsr-hub's `evaluate` modules (`nlsr_hub.metrics`).
+"""
 
 from __future__ import annotations
 
@@ -6,39 +12,95 @@ import csv
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from ..metrics import compute_metric
 from .generation import generate_responses
-from .judges import Judge, Verdict, get_judge
+from .judges import NON_REFUSAL, Judge, JudgeFn, JudgeInfo, Verdict, get_judge
 
 
 @dataclass(frozen=True)
 class HarmfulScoreResult:
-    """Per-prompt responses and verdicts, and the aggregate (percent of responses judged harmful)."""
+    """Per-prompt responses and one judge's verdicts, with the responses to harmless prompts (for over-refusal).
+
+    `score` is the percent of responses the judge flags: the non-refusal rate under the keyword detector, the
+    harmful score under a harm judge (`figure` says which). `non_refusal_rate` and `over_refusal` always use the
+    keyword refusal detector, whatever the judge.
+    """
 
     prompts: tuple[str, ...]
     responses: tuple[str, ...]
     verdicts: tuple[Verdict, ...]
     judge: str
+    info: JudgeInfo | None = None
+    harmless_prompts: tuple[str, ...] = ()
+    harmless_responses: tuple[str, ...] = ()
 
     @property
+    def measures(self) -> str:
+        """``"non-refusal"`` or ``"harm"``: what the judge's verdicts flag."""
+        if self.info is not None:
+            return self.info.measures
+        return NON_REFUSAL if self.judge == "refusal" else "harm"
+
+    @property
+    def figure(self) -> str:
+        """The name of `score`: "non-refusal rate" or "harmful score"."""
+        return "non-refusal rate" if self.measures == NON_REFUSAL else "harmful score"
+
+    @cached_property
     def score(self) -> float:
-        return 100.0 * sum(v.harmful for v in self.verdicts) / len(self.verdicts) if self.verdicts else float("nan")
+        """Percent of responses the judge flags (through the `non_refusal_rate` or `harmful_score` module)."""
+        flags = [v.harmful for v in self.verdicts]
+        if self.measures == NON_REFUSAL:
+            return compute_metric("non_refusal_rate", [not f for f in flags])["non_refusal_rate"]
+        return compute_metric("harmful_score", flags)["harmful_score"]
+
+    @cached_property
+    def non_refusal_rate(self) -> float:
+        """Percent of responses without a refusal cue (keyword detector, whatever the judge)."""
+        return compute_metric("non_refusal_rate", list(self.responses))["non_refusal_rate"]
 
     @property
     def refusal_rate(self) -> float:
-        """Percent of responses the refusal judge calls refusals (whatever judge gave the verdicts)."""
-        from .judges import is_refusal
+        """Percent of responses the keyword detector calls refusals (100 - `non_refusal_rate`)."""
+        return 100.0 - self.non_refusal_rate if self.responses else 0.0
 
-        return 100.0 * sum(is_refusal(r) for r in self.responses) / len(self.responses) if self.responses else 0.0
+    @cached_property
+    def over_refusal(self) -> float | None:
+        """Percent of harmless prompts refused (keyword detector); None when none were asked."""
+        if not self.harmless_responses:
+            return None
+        return compute_metric("over_refusal", list(self.harmless_responses))["over_refusal"]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "judge": self.judge, "harmful_score": self.score, "refusal_rate": self.refusal_rate, "n": len(self.prompts),
-            "items": [{"prompt": p, "response": r, **asdict(v)}
-                      for p, r, v in zip(self.prompts, self.responses, self.verdicts, strict=True)],
+        out: dict[str, Any] = {
+            "judge": self.judge, "judge_info": self.info.to_dict() if self.info is not None else None,
+            "figure": self.figure, "value": self.score, "non_refusal_rate": self.non_refusal_rate,
+            "over_refusal": self.over_refusal, "n": len(self.prompts), "n_harmless": len(self.harmless_prompts),
         }
+        if self.measures != NON_REFUSAL:
+            out["harmful_score"] = self.score
+        out["items"] = [{"prompt": p, "response": r, **asdict(v)}
+                        for p, r, v in zip(self.prompts, self.responses, self.verdicts, strict=True)]
+        out["harmless_items"] = [{"prompt": p, "response": r}
+                                 for p, r in zip(self.harmless_prompts, self.harmless_responses, strict=True)]
+        return out
+
+
+def score_responses(prompts: Sequence[str], responses: Sequence[str], judge: str | Judge | JudgeFn = "refusal", *,
+                    harmless_prompts: Sequence[str] = (), harmless_responses: Sequence[str] = ()
+                    ) -> HarmfulScoreResult:
+    """Judge ready `responses` to `prompts` with `judge` (a spec, a `Judge` or a function)."""
+    loaded = get_judge(judge)
+    if len(harmless_prompts) != len(harmless_responses):
+        raise ValueError(f"`harmless_prompts` and `harmless_responses` differ in length ({len(harmless_prompts)} vs "
+                         f"{len(harmless_responses)}).")
+    verdicts = loaded(list(prompts), list(responses))
+    return HarmfulScoreResult(tuple(prompts), tuple(responses), tuple(verdicts), loaded.name, loaded.info,
+                              tuple(harmless_prompts), tuple(harmless_responses))
 
 
 def load_prompts(source: str | Path | Sequence[str], *, limit: int | None = None,
@@ -75,15 +137,18 @@ def harmful_score(
     tokenizer: Any,
     prompts: Sequence[str],
     *,
-    judge: str | Judge = "refusal",
+    judge: str | Judge | JudgeFn = "refusal",
+    harmless_prompts: Sequence[str] = (),
     max_new_tokens: int = 64,
     batch_size: int = 8,
     progress: bool = True,
 ) -> HarmfulScoreResult:
-    """Generate greedy answers to `prompts` and judge them (see `nlsr_hub.evaluation.judges`)."""
-    judge_fn = get_judge(judge)
+    """Generate greedy answers to `prompts` (and to `harmless_prompts`, for over-refusal) and judge them with
+    `judge` (see `nlsr_hub.evaluation.judges`)."""
+    loaded = get_judge(judge)
     responses = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                    progress=progress, desc="nlsr: harmful prompts")
-    verdicts = judge_fn(prompts, responses)
-    name = judge if isinstance(judge, str) else getattr(judge, "__name__", "custom")
-    return HarmfulScoreResult(tuple(prompts), tuple(responses), tuple(verdicts), name)
+    harmless = generate_responses(model, tokenizer, harmless_prompts, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, progress=progress, desc="nlsr: harmless prompts"
+                                  ) if harmless_prompts else []
+    return score_responses(prompts, responses, loaded, harmless_prompts=harmless_prompts, harmless_responses=harmless)
