@@ -21,13 +21,14 @@ from typing import Any
 import torch
 
 from .errors import AdapterError
-from .io import atomic_directory, atomic_write_bytes, atomic_write_text
+from .io import atomic_directory, atomic_write_bytes, atomic_write_text, check_readable_file, read_text_file
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+ADAPTER_FOLDER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")  # what an adapter folder written here may hold
 _PREFIX = "base_model.model."
 _KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
 _LAYER_RE = re.compile(r"\.(\d+)\.")
@@ -61,11 +62,18 @@ class LoraModule:
     scale: float
 
     def __post_init__(self) -> None:
+        if not isinstance(self.A, torch.Tensor) or not isinstance(self.B, torch.Tensor):
+            raise TypeError(f"LoRA factors must be tensors (got {type(self.A).__name__}, {type(self.B).__name__}).")
         if self.A.ndim != 2 or self.B.ndim != 2 or self.B.shape[1] != self.A.shape[0]:
             raise AdapterError(
                 f"LoRA factors do not chain: A has shape {tuple(self.A.shape)}, B has shape {tuple(self.B.shape)}; "
                 "expected A (r x d_in) and B (d_out x r)."
             )
+        if self.A.shape[0] == 0 or not self.A.is_floating_point() or not self.B.is_floating_point():
+            raise AdapterError(f"LoRA factors must be floating-point with rank >= 1 (got A {self.A.dtype} "
+                               f"{tuple(self.A.shape)}, B {self.B.dtype} {tuple(self.B.shape)}).")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
+            raise TypeError(f"A LoRA scale must be a number (got {self.scale!r}).")
 
     @property
     def rank(self) -> int:
@@ -124,16 +132,61 @@ def module_scale(config: Mapping[str, Any], name: str, rank: int) -> float:
     return float(alpha) / denominator
 
 
+def _config_error(path: Path, key: str, expected: str, value: Any) -> AdapterError:
+    return AdapterError(f"{path}: `{key}` must be {expected} (got {value!r}); the file is damaged, re-save the "
+                        "adapter.")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _compiles(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return True
+
+
+def check_adapter_config(config: Any, path: Path) -> dict[str, Any]:
+    """`config` (the parsed ``adapter_config.json`` at `path`) if its fields have the types and ranges PEFT gives
+    them; an `AdapterError` naming the field otherwise."""
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path} must hold a JSON object (got {type(config).__name__}); the file is damaged, "
+                           "re-save the adapter.")
+    if "r" in config and (not isinstance(config["r"], int) or isinstance(config["r"], bool) or config["r"] < 1):
+        raise _config_error(path, "r", "a positive integer", config["r"])
+    if "lora_alpha" in config and (not _is_number(config["lora_alpha"]) or config["lora_alpha"] == 0):
+        raise _config_error(path, "lora_alpha", "a finite, non-zero number", config["lora_alpha"])
+    for key in ("use_rslora", "use_dora"):
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            raise _config_error(path, key, "true or false", config[key])
+    for key, valid in (("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+                       ("alpha_pattern", lambda v: _is_number(v) and v != 0)):
+        pattern = config.get(key)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict) or not all(isinstance(k, str) and _compiles(k) and valid(v)
+                                                    for k, v in pattern.items()):
+            raise _config_error(path, key, "an object of module patterns to " + (
+                "positive integers" if key == "rank_pattern" else "finite, non-zero numbers"), pattern)
+    for key in ("peft_type", "base_model_name_or_path"):
+        if config.get(key) is not None and not isinstance(config[key], str):
+            raise _config_error(path, key, "a string", config[key])
+    return config
+
+
 def _read_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_NAME
-    if not path.is_file():
+    if not path.exists():
         raise AdapterError(
             f"{directory} is not a PEFT adapter: `{CONFIG_NAME}` is missing. Point to the folder written by "
             "`PeftModel.save_pretrained`."
         )
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        config = check_adapter_config(json.loads(read_text_file(path, "Adapter config")), path)
+    except json.JSONDecodeError as err:
         raise AdapterError(f"{path} is not valid JSON ({err}); the file is corrupt, re-save the adapter.") from None
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
@@ -150,6 +203,7 @@ def _read_tensors(directory: Path, allow_pickle: bool) -> dict[str, torch.Tensor
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        check_readable_file(weights, "Adapter weights")
         try:
             return load_file(str(weights))
         except (SafetensorError, OSError, ValueError) as err:
@@ -165,7 +219,17 @@ def _read_tensors(directory: Path, allow_pickle: bool) -> dict[str, torch.Tensor
                 "(`PeftModel.save_pretrained(..., safe_serialization=True)`), or pass `allow_pickle=True` "
                 "if you trust its source (it is then read with `torch.load(weights_only=True)`)."
             )
-        return torch.load(str(pickled), map_location="cpu", weights_only=True)
+        check_readable_file(pickled, "Adapter weights")
+        try:
+            loaded = torch.load(str(pickled), map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types for a bad or unsafe pickle; none may escape as a crash
+            raise AdapterError(f"{pickled} could not be read with `weights_only=True` ({type(err).__name__}: "
+                               f"{err}); it is corrupt or holds more than tensors. Convert it to safetensors."
+                               ) from None
+        if not isinstance(loaded, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                   for k, v in loaded.items()):
+            raise AdapterError(f"{pickled} does not hold a mapping of tensor names to tensors; re-save the adapter.")
+        return loaded
     raise AdapterError(
         f"{directory} has `{CONFIG_NAME}` but no weights: `{WEIGHTS_NAME}` is missing. Save the adapter again."
     )
@@ -186,7 +250,16 @@ def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter
     if not directory.is_dir():
         raise AdapterError(f"Adapter folder {directory} does not exist; pass a local folder or a Hub repo id.")
     config = _read_config(directory)
-    tensors = _read_tensors(directory, allow_pickle)
+    factors, extra = _group_factors(directory, _read_tensors(directory, allow_pickle))
+    modules = {name: _build_module(directory, name, factors[name], config) for name in sorted(factors)}
+    adapter = LoraAdapter(modules=modules, config=config, extra_tensors=extra)
+    check_finite(adapter, str(directory))
+    return adapter
+
+
+def _group_factors(directory: Path, tensors: Mapping[str, torch.Tensor]
+                   ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """PEFT's tensors grouped as ``{module: {"A": ..., "B": ...}}``, plus the tensors that are not LoRA factors."""
     factors: dict[str, dict[str, torch.Tensor]] = {}
     extra: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
@@ -200,21 +273,43 @@ def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter
         factors.setdefault(match.group("module"), {})[match.group("factor")] = tensor
     if not factors:
         raise AdapterError(f"{directory} holds no LoRA tensors (no `*.lora_A.weight` keys); is it a LoRA adapter?")
-    modules: dict[str, LoraModule] = {}
-    for name in sorted(factors):
-        pair = factors[name]
-        if set(pair) != {"A", "B"}:
-            missing = ({"A", "B"} - set(pair)).pop()
-            raise AdapterError(f"{directory}: module {name!r} has no lora_{missing} tensor; the file is incomplete.")
-        rank = int(pair["A"].shape[0])
-        configured = _pattern_value(config.get("rank_pattern"), name, config.get("r", rank))
-        if int(configured) != rank:
-            raise AdapterError(
-                f"{directory}: module {name!r} has rank {rank} in its weights but {configured} in "
-                f"`{CONFIG_NAME}` (r / rank_pattern); the config and weights do not belong together."
-            )
-        modules[name] = LoraModule(pair["A"], pair["B"], module_scale(config, name, rank))
-    return LoraAdapter(modules=modules, config=config, extra_tensors=extra)
+    return factors, extra
+
+
+def _build_module(directory: Path, name: str, pair: Mapping[str, torch.Tensor], config: Mapping[str, Any]
+                  ) -> LoraModule:
+    """One module from its two factors, its rank checked against the config and its scale as PEFT computes it."""
+    if set(pair) != {"A", "B"}:
+        missing = ({"A", "B"} - set(pair)).pop()
+        raise AdapterError(f"{directory}: module {name!r} has no lora_{missing} tensor; the file is incomplete.")
+    rank = int(pair["A"].shape[0]) if pair["A"].ndim == 2 else 0
+    if rank < 1:
+        raise AdapterError(f"{directory}: module {name!r} has lora_A of shape {tuple(pair['A'].shape)}; a LoRA "
+                           "factor A must be a matrix of rank >= 1 (r x d_in). The file is damaged.")
+    configured = _pattern_value(config.get("rank_pattern"), name, config.get("r", rank))
+    if int(configured) != rank:
+        raise AdapterError(
+            f"{directory}: module {name!r} has rank {rank} in its weights but {configured} in "
+            f"`{CONFIG_NAME}` (r / rank_pattern); the config and weights do not belong together."
+        )
+    try:
+        return LoraModule(pair["A"], pair["B"], module_scale(config, name, rank))
+    except AdapterError as err:
+        raise AdapterError(f"{directory}: module {name!r}: {err}") from None
+
+
+def check_finite(adapter: LoraAdapter, source: str) -> None:
+    """Raise an `AdapterError` naming the module if any factor or scale of `adapter` is NaN or infinite (`source`
+    names the adapter in the message)."""
+    for name in sorted(adapter.modules):
+        module = adapter.modules[name]
+        if not math.isfinite(module.scale):
+            raise AdapterError(f"{source}: module {name!r} has a non-finite LoRA scale ({module.scale}); check "
+                               "`lora_alpha` / `alpha_pattern` and `beta`.")
+        for factor, tensor in (("lora_A", module.A), ("lora_B", module.B)):
+            if not bool(torch.isfinite(tensor).all()):
+                raise AdapterError(f"{source}: module {name!r} has NaN or infinite values in {factor}; the adapter "
+                                   "is damaged (a diverged training run or a corrupt file): retrain or re-download it.")
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -263,16 +358,31 @@ def adapter_state_dict(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_adapter(adapter: LoraAdapter, path: str | Path) -> Path:
-    """Write `adapter` as a stock PEFT adapter folder (atomic per file, byte-deterministic)."""
+def write_adapter_files(adapter: LoraAdapter, folder: Path) -> None:
+    """Write `adapter`'s two PEFT files into the existing `folder` (byte-deterministic); NaN or infinite values are
+    refused, never written."""
     from safetensors.torch import save
 
+    check_finite(adapter, "the adapter to save")
     state = adapter_state_dict(adapter)
-    payload = save(dict(sorted(state.items())), metadata={"format": "pt"})
-    with atomic_directory(path) as staging:
-        atomic_write_bytes(staging / WEIGHTS_NAME, payload)
-        atomic_write_text(staging / CONFIG_NAME, json.dumps(adapter_config_for(adapter), indent=2) + "\n")
+    atomic_write_bytes(folder / WEIGHTS_NAME, save(dict(sorted(state.items())), metadata={"format": "pt"}))
+    atomic_write_text(folder / CONFIG_NAME, json.dumps(adapter_config_for(adapter), indent=2) + "\n")
+
+
+def save_adapter(adapter: LoraAdapter, path: str | Path) -> Path:
+    """Write `adapter` as a stock PEFT adapter folder: written beside `path` and swapped in as a whole (an earlier
+    adapter folder there is replaced, a folder holding other files is refused), byte-deterministic."""
+    with atomic_directory(path, owned=ADAPTER_FOLDER_FILES) as staging:
+        write_adapter_files(adapter, staging)
     return Path(path)
+
+
+def check_peft_config(adapter: LoraAdapter) -> None:
+    """Raise an `AdapterError` if PEFT refuses `adapter`'s config (checked before a model is loaded for it)."""
+    try:
+        peft_config_object(adapter)
+    except (TypeError, ValueError) as err:
+        raise AdapterError(f"PEFT refuses the adapter's `{CONFIG_NAME}`: {' '.join(str(err).split())}") from None
 
 
 def peft_config_object(adapter: LoraAdapter) -> Any:

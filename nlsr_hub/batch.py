@@ -11,7 +11,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .adapters import load_adapter
-from .hub import resolve
+from .hub import lineage_paths, resolve
+from .io import check_output_folder, read_text_file
 from .patcher import NLSRPatcher
 from .refs import InputRef
 
@@ -39,7 +40,7 @@ def output_name(spec: str) -> str:
 
 def read_list_file(path: str | Path) -> list[str]:
     """Adapter references from a text file: one per line; blank lines and ``#`` comments are skipped."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    lines = read_text_file(path, "`--finetuned-list` file").splitlines()
     specs = [line.split("#", 1)[0].strip() for line in lines]
     return [s for s in specs if s]
 
@@ -67,6 +68,8 @@ def realign_batch(
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates and output_dir is not None and not dry_run:
         raise ValueError(f"Several adapters would be written to the same folder {duplicates}; rename or split them.")
+    if output_dir is not None and not dry_run:
+        _check_outputs(Path(output_dir), specs, names, patcher)
     patcher.safety_patch(calibration, progress=progress)  # the one calibration pass, before the loop
     items = []
     for spec, name in tqdm(list(zip(specs, names, strict=True)), desc="nlsr: realign", unit="adapter",
@@ -80,11 +83,24 @@ def realign_batch(
             if output_dir is not None and not dry_run:
                 output = result.save_pretrained(Path(output_dir) / name)
             items.append(BatchItem(spec=spec, output=output, summary=result.plan.summary()))
-        except (ValueError, OSError) as err:
+        except (ValueError, TypeError, OSError) as err:
             if not continue_on_error:
                 raise
             items.append(BatchItem(spec=spec, output=None, summary=None, error=str(err)))
     return items
+
+
+def _check_outputs(output_dir: Path, specs: Sequence[str], names: Sequence[str], patcher: NLSRPatcher) -> None:
+    """Every result folder of the batch checked before the calibration pass: none is or touches an input, and each
+    is new, empty or an earlier result."""
+    from .plan import PLAN_NAME
+    from .result import RESULT_FILES
+
+    inputs = {**lineage_paths(patcher.inputs),
+              **{f"finetuned {spec}": str(path) for spec in specs if (path := InputRef.parse(spec).path) is not None}}
+    check_output_folder(output_dir, owned=names, inputs=inputs, flag="output_dir")
+    for name in names:
+        check_output_folder(output_dir / name, owned=RESULT_FILES, marker=PLAN_NAME, inputs=inputs, flag="output_dir")
 
 
 def summary_table(items: Sequence[BatchItem]) -> str:

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from .io import read_text_file
+
 _PROMPT_KEYS = ("prompt", "instruction", "question", "goal", "query")
 _RESPONSE_KEYS = ("response", "chosen", "output", "answer", "completion")
 
@@ -57,10 +59,10 @@ def _pair_from_mapping(row: dict[str, Any]) -> CalibrationPair:
         if len(response) != 2:
             raise ValueError("A list-valued `response` must be [chosen, rejected].")
         response, rejected = response
+    rejected = None if rejected is None else _text(rejected)
     if prompt_key == "instruction" and row.get("input"):
-        return CalibrationPair(f"{_text(row['instruction'])}\n\n{_text(row['input'])}", _text(response),
-                               rejected and _text(rejected))
-    return CalibrationPair(_text(row[prompt_key]), _text(response), rejected and _text(rejected))
+        return CalibrationPair(f"{_text(row['instruction'])}\n\n{_text(row['input'])}", _text(response), rejected)
+    return CalibrationPair(_text(row[prompt_key]), _text(response), rejected)
 
 
 def _as_pair(item: Any) -> CalibrationPair:
@@ -77,16 +79,34 @@ def _as_pair(item: Any) -> CalibrationPair:
 
 
 def _read_file(path: Path) -> list[Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"Calibration file {path} does not exist.")
-    text = path.read_text(encoding="utf-8")
+    """The rows of a calibration file: a JSON array, an object with a ``data``/``rows`` array, a single pair
+    object, or JSONL (one row per line). Anything else is a `ValueError` naming the file."""
+    text = read_text_file(path, "Calibration file")
+    if path.suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"Calibration file {path}, line {number}: not valid JSON ({err}).") from None
+        return rows
     try:
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"Calibration file {path} is not valid JSON/JSONL ({err}).") from None
-    return data if isinstance(data, list) else data.get("data", data.get("rows", []))
+    if isinstance(data, list):
+        return data
+    if isinstance(data, dict):
+        for key in ("data", "rows"):
+            if isinstance(data.get(key), list):
+                return data[key]
+        if any(k in data for k in _PROMPT_KEYS) and any(k in data for k in _RESPONSE_KEYS):
+            return [data]  # a file holding one pair
+        raise ValueError(f"Calibration file {path} holds a JSON object with keys {sorted(data)[:8]}; write a list of "
+                         "{prompt, response} objects, an object with a 'data' list, or JSONL (one pair per line).")
+    raise ValueError(f"Calibration file {path} holds a JSON {type(data).__name__}, not calibration pairs; write a list "
+                     "of {prompt, response} objects or JSONL (one pair per line).")
 
 
 def default_calibration() -> list[CalibrationPair]:
@@ -104,7 +124,12 @@ def load_calibration(source: Any = None, *, limit: int | None = None) -> list[Ca
     if source is None:
         pairs = default_calibration()
     elif isinstance(source, (str, Path)):
-        pairs = [_as_pair(row) for row in _read_file(Path(source))]
+        path = Path(source)
+        rows = _read_file(path)
+        try:
+            pairs = [_as_pair(row) for row in rows]
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"Calibration file {path}: {err}") from None
     elif isinstance(source, Iterable):
         pairs = [_as_pair(row) for row in source]  # lists, tuples and `datasets.Dataset` rows alike
     else:
@@ -145,9 +170,25 @@ def _render(tokenizer: Any, prompt: str, response: str) -> tuple[list[int], list
     return prompt_ids, prompt_ids + response_ids + eos
 
 
+# texts are clipped to this many characters per kept token before tokenisation (a token rarely spans more), and the
+# clip is trusted only when it still leaves this many tokens beyond the kept ones
+_CHARS_PER_TOKEN = 32
+_MARGIN_TOKENS = 64
+
+
 def encode_pair(tokenizer: Any, prompt: str, response: str, max_length: int) -> EncodedSample:
-    """Render and tokenise one pair, truncated to `max_length` tokens, with its response-token mask."""
-    prompt_ids, full_ids = _render(tokenizer, prompt, response)
+    """Render and tokenise one pair, truncated to `max_length` tokens, with its response-token mask.
+
+    Texts far longer than `max_length` tokens are clipped (in characters) before tokenisation, so a 2M-character
+    prompt costs what a long one does; where the clipped text gives too few tokens to be sure the kept ones are
+    unchanged, the pair is tokenised whole instead."""
+    limit = _CHARS_PER_TOKEN * max_length + 1024
+    short_prompt, short_response = prompt[:limit], response[:limit]
+    prompt_ids, full_ids = _render(tokenizer, short_prompt, short_response)
+    enough = max_length + _MARGIN_TOKENS
+    if (len(short_prompt) < len(prompt) and len(prompt_ids) < enough) or (
+            len(short_response) < len(response) and len(full_ids) < enough):
+        prompt_ids, full_ids = _render(tokenizer, prompt, response)
     full_ids = full_ids[:max_length]
     mask = [i >= len(prompt_ids) for i in range(len(full_ids))]
     return EncodedSample(tuple(full_ids), tuple(mask))

@@ -69,9 +69,9 @@ def config_from_args(args: argparse.Namespace) -> NLSRConfig:
     """The config file (if any) overridden by the flags given on the command line."""
     base: dict[str, Any] = NLSRConfig.preset(getattr(args, "preset", None) or "default").to_dict()
     if args.config is not None:
-        text = args.config.read_text(encoding="utf-8")
-        loaded = NLSRConfig.from_yaml(text) if args.config.suffix in (".yaml", ".yml") else NLSRConfig.from_json(text)
-        base = loaded.to_dict()
+        from .preflight import read_config_file
+
+        base = read_config_file(args.config).to_dict()
     for field in dataclasses.fields(NLSRConfig):
         value = getattr(args, field.name, None)
         if value is not None:
@@ -226,13 +226,15 @@ def _print_commit(info: Any) -> None:
 
 
 def _cmd_realign(args: argparse.Namespace) -> int:
-    from .batch import read_list_file, realign_batch, summary_table
+    from .batch import output_name, read_list_file, realign_batch, summary_table
+    from .preflight import check_realign
 
     specs = list(args.finetuned) + (read_list_file(args.finetuned_list) if args.finetuned_list else [])
     if not specs:
         raise ValueError("Pass `--finetuned` (one or more adapters) or `--finetuned-list FILE`.")
     if args.output is None and not args.dry_run and not args.push_to_hub:
         raise ValueError("`--output` is required (or pass `--dry-run` to print the plan only).")
+    check_realign(args, specs, [output_name(spec) for spec in specs])  # before any download or forward pass
     if len(specs) > 1:
         if args.push_to_hub or args.plan_json:
             raise ValueError("`--push-to-hub` and `--plan-json` take one adapter; push batch results with `nlsr push`.")
@@ -244,13 +246,13 @@ def _cmd_realign(args: argparse.Namespace) -> int:
         return 1 if any(item.error for item in items) else 0
     result = _patcher(args, specs[0]).realign(calibration=args.calibration, dry_run=args.dry_run)
     print(result.plan.table())
-    if args.plan_json:
+    if args.output is not None and not args.dry_run:
+        result.save_pretrained(args.output)
+        print(f"realigned adapter written to {args.output}")
+    if args.plan_json:  # after the result: a failed save leaves no plan file behind
         result.plan.save(args.plan_json)
     if args.dry_run:
         return 0
-    if args.output is not None:
-        result.save_pretrained(args.output)
-        print(f"realigned adapter written to {args.output}")
     if args.push_to_hub:
         _print_commit(result.push_to_hub(args.push_to_hub, revision=None,
                                          **_push_kwargs(args, "Upload NLSR-realigned adapter")))
@@ -258,6 +260,9 @@ def _cmd_realign(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    from .preflight import check_plan
+
+    check_plan(args)
     result = _patcher(args, args.finetuned).realign(calibration=args.calibration, dry_run=True)
     print(result.plan.table())
     if args.plan_json:
@@ -268,7 +273,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_reference(args: argparse.Namespace) -> int:
     from .adapters import load_adapter, save_adapter
     from .hub import resolve
+    from .preflight import check_reference
     from .reference import build_reference
+
+    check_reference(args)
 
     def read(spec: str | None) -> Any:
         if spec is None:
@@ -284,6 +292,9 @@ def _cmd_reference(args: argparse.Namespace) -> int:
 def _cmd_patch(args: argparse.Namespace) -> int:
     if args.output is None and not args.push_to_hub:
         raise ValueError("Pass `--output` and/or `--push-to-hub`.")
+    from .preflight import check_patch
+
+    check_patch(args)
     patch = _patcher(args, None).safety_patch(args.calibration)
     if args.output is not None:
         patch.save_pretrained(args.output)
@@ -294,8 +305,10 @@ def _cmd_patch(args: argparse.Namespace) -> int:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
+    from .preflight import check_push
     from .publish import SavedFolder
 
+    check_push(args)
     _print_commit(SavedFolder(args.folder).push_to_hub(args.repo_id, revision=args.revision,
                                                        **_push_kwargs(args, "Upload with nlsr-hub")))
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +89,7 @@ class NLSRConfig:
         from .restorers import RESTORERS  # local imports: neither imports this module at module level
         from .scoring import SCORERS
 
+        self._check_types()
         RESTORERS.lookup(self.restorer)
         for name in ("beta", "strength", "kept_energy", "threshold", "sparsity_ratio", "prune_ratio", "epsilon",
                      "fraction"):
@@ -128,6 +130,22 @@ class NLSRConfig:
             raise ValueError(f"`kept_energy` must lie in (0, 1] (got {self.kept_energy}).")
         if self.compat and self.restoration == "module":
             raise ValueError("`compat=True` restores factor-wise ('swap'); it cannot be combined with 'module'.")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"`seed` must lie in [0, 2**63) (got {self.seed}).")
+
+    def _check_types(self) -> None:
+        """A `TypeError` naming the field whose value has the wrong type: `compat: 'false'` in a YAML file must not
+        turn compat on, nor `beta: true` mean 1.0 (bools are not numbers here, and ints are accepted as floats)."""
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            kinds, optional = _FIELD_KINDS[item.name]
+            if value is None and optional:
+                continue
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                label = {bool: "true or false", int: "an integer", str: "a string"}.get(kinds[0], "a number")
+                raise TypeError(f"`{item.name}` must be {label}{' or null' if optional else ''} (got {value!r} of "
+                                f"type {type(value).__name__}); in a YAML/JSON config write e.g. "
+                                f"`{item.name}: {json.dumps(item.default)}`.")
 
     @classmethod
     def preset(cls, name: str, **changes: Any) -> NLSRConfig:
@@ -151,8 +169,12 @@ class NLSRConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NLSRConfig:
+        """A config from ``{field: value}``; unknown fields, wrong types and out-of-range values are refused."""
+        if not isinstance(data, dict):
+            raise TypeError(f"An NLSRConfig is a mapping of field names to values (got {type(data).__name__}); write "
+                            "e.g. `{\"beta\": 0.9}` in JSON or `beta: 0.9` in YAML.")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(map(str, set(data) - known))
         if unknown:
             raise ValueError(f"Unknown NLSRConfig field(s) {unknown}; valid fields: {sorted(known)}.")
         return cls(**data)
@@ -162,7 +184,11 @@ class NLSRConfig:
 
     @classmethod
     def from_json(cls, text: str) -> NLSRConfig:
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"The config is not valid JSON ({err}).") from None
+        return cls.from_dict(data)
 
     def to_yaml(self) -> str:
         import yaml
@@ -173,7 +199,25 @@ class NLSRConfig:
     def from_yaml(cls, text: str) -> NLSRConfig:
         import yaml
 
-        return cls.from_dict(yaml.safe_load(text) or {})
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"The config is not valid YAML ({' '.join(str(err).split())}).") from None
+        return cls.from_dict({} if data is None else data)
+
+
+def _field_kinds() -> dict[str, tuple[tuple[type, ...], bool]]:
+    """Each field's accepted Python types (a float field also takes ints) and whether None is allowed, from the
+    annotations."""
+    kinds = {}
+    for name, hint in typing.get_type_hints(NLSRConfig).items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        base = args[0] if args else hint
+        kinds[name] = ((float, int) if base is float else (base,), bool(args))
+    return kinds
+
+
+_FIELD_KINDS = _field_kinds()
 
 
 # Named configurations (changes to the field defaults): the paper's NLSR settings stay one preset away whatever

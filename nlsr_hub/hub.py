@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,21 @@ class ResolvedInput:
             return {"spec": self.spec, "path": str(self.local_path)}
         return {"spec": self.spec, "repo_id": self.repo_id, "revision": self.revision or "main",
                 "commit": self.commit, "subfolder": self.subfolder}
+
+
+def lineage_paths(inputs: Any) -> dict[str, str]:
+    """Role -> local folder of the local inputs recorded in a plan's or patch's ``inputs`` (Hub inputs have none):
+    the folders an output must never be written into."""
+    if not isinstance(inputs, dict):
+        return {}
+    paths = {}
+    for role, info in inputs.items():
+        if not isinstance(info, dict) or info.get("repo_id"):
+            continue
+        path = info.get("path") or info.get("spec")  # the base model is recorded by its spec until it is loaded
+        if isinstance(path, str):
+            paths[str(role)] = path
+    return paths
 
 
 def resolve(
@@ -99,6 +115,10 @@ def resolve(
             raise ValueError(f"The Hub refused access to {ref.repo_id} ({status}): pass a valid `token`.") from None
         raise ValueError(f"Downloading {where} failed: {err}") from None
     local = snapshot / ref.subfolder if ref.subfolder else snapshot
+    real_snapshot, real_local = Path(os.path.realpath(snapshot)), Path(os.path.realpath(local))
+    if real_local != real_snapshot and real_snapshot not in real_local.parents:
+        raise ValueError(f"The subfolder {ref.subfolder!r} of {ref.spec!r} leads outside the downloaded repository; "
+                         "write a folder inside the repo.")
     missing = [f for f in files if not (local / f).is_file()]
     if missing and patterns is None:
         raise AdapterError(

@@ -27,14 +27,51 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
         resolved = getattr(torch, dtype)
     except AttributeError:
         resolved = None
-    if not isinstance(resolved, torch.dtype):
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
         raise ValueError(f"Unknown `dtype` {dtype!r}; use float32, bfloat16 or float16.")
     return resolved
 
 
+def check_device(device: str | torch.device | None) -> torch.device:
+    """The `torch.device` for `device` (None: cpu), or a `ValueError` naming it when it is unknown or absent on this
+    machine (``cuda`` without a GPU), before any model is loaded."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"Unknown `device` {device!r}; use cpu, cuda, cuda:N or mps.") from None
+    if parsed.type == "cuda":
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if available == 0 or (parsed.index is not None and parsed.index >= available):
+            raise ValueError(f"`device` {device!r} is not available: this machine has {available} CUDA GPU(s); "
+                             "use --device cpu.")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"`device` {device!r} is not available on this machine; use --device cpu.")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"`device` {device!r} is not supported; use cpu, cuda, cuda:N or mps.")
+    return parsed
+
+
+def check_adapter_weights(path: str | Any, *, allow_pickle: bool) -> None:
+    """Refuse a local adapter folder whose only weights are pickled (``adapter_model.bin``) unless `allow_pickle`:
+    PEFT would otherwise unpickle them. Non-folder arguments are left to PEFT."""
+    from pathlib import Path
+
+    from .adapters import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, AdapterError
+
+    folder = Path(str(path))
+    if not folder.is_dir() or allow_pickle or (folder / WEIGHTS_NAME).is_file():
+        return
+    if (folder / PICKLE_WEIGHTS_NAME).exists():
+        raise AdapterError(f"{folder} only has pickled weights (`{PICKLE_WEIGHTS_NAME}`), which can run code when "
+                           "loaded; convert the adapter to safetensors, or pass `allow_pickle=True` (--allow-pickle) "
+                           "if you trust its source.")
+
+
 def load_base_model(
     path: str, *, dtype: str | torch.dtype | None = None, device: str | None = None, adapter: str | Any = None,
-    merge: bool = False, **hub_kwargs: Any
+    merge: bool = False, allow_pickle: bool = False, **hub_kwargs: Any
 ) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer from a local folder or Hub id (safetensors only, never remote code),
     in eval mode; the one model loader of nlsr-hub (calibration, evaluation, training, the Space).
@@ -42,13 +79,17 @@ def load_base_model(
     Args:
         adapter: a local PEFT adapter folder to attach (``PeftModel``), or None.
         merge: merge the adapter into the weights (faster generation; the result is a plain model).
+        allow_pickle: accept an adapter whose only weights are a pickled ``adapter_model.bin`` (off by default).
         hub_kwargs: passed through: ``revision``, ``token``, ``cache_dir``, ``local_files_only``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    torch_dtype, _ = resolve_dtype(dtype), check_device(device)  # cheap checks before anything is loaded
+    if adapter is not None:
+        check_adapter_weights(adapter, allow_pickle=allow_pickle)
     tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=resolve_dtype(dtype), use_safetensors=True, **hub_kwargs
+        path, dtype=torch_dtype, use_safetensors=True, **hub_kwargs
     )
     if adapter is not None:
         from peft import PeftModel

@@ -58,7 +58,7 @@ def check_compatible(patch: SafetyPatch, finetuned: LoraAdapter, *, restoration:
 def similarities(patch: SafetyPatch, finetuned: LoraAdapter) -> dict[str, float]:
     """Per-module masked Frobenius cosine between the reference and the fine-tuned adapter (float32)."""
     return {
-        name: module_similarity(patch.reference.modules[name], finetuned.modules[name], patch.masks[name])
+        name: module_similarity(patch.reference.modules[name], finetuned.modules[name], patch.masks[name], name)
         for name in sorted(patch.reference.modules)
     }
 
@@ -98,6 +98,16 @@ def replace_module(reference: LoraModule, finetuned: LoraModule) -> LoraModule:
     return LoraModule(reference.A.to(finetuned.A.dtype), reference.B.to(finetuned.B.dtype), reference.scale)
 
 
+def check_plan_modules(plan: RealignmentPlan, finetuned: LoraAdapter) -> None:
+    """Raise an `AdapterError` if `plan` does not describe exactly the modules of `finetuned` (a plan made for
+    another adapter, or edited by hand)."""
+    planned, present = {m.name for m in plan.modules}, set(finetuned.modules)
+    if planned != present:
+        unknown, unplanned = sorted(planned - present)[:5], sorted(present - planned)[:5]
+        raise AdapterError(f"The plan does not match the adapter: modules only in the plan {unknown}, only in the "
+                           f"adapter {unplanned}. Make the plan from this adapter (`realign(dry_run=True)`).")
+
+
 def apply_plan(
     finetuned: LoraAdapter, patch: SafetyPatch, plan: RealignmentPlan, *, restoration: str | None = None,
     checked: bool = False,
@@ -107,6 +117,7 @@ def apply_plan(
     restoration = restoration or plan.effective_restoration
     if not checked:
         check_compatible(patch, finetuned, restoration=restoration)
+    check_plan_modules(plan, finetuned)
     modules: dict[str, LoraModule] = dict(finetuned.modules)
     for name in plan.patched:
         reference, mask = patch.reference.modules[name], patch.masks[name]

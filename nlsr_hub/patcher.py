@@ -7,11 +7,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .adapters import AdapterError, LoraAdapter, load_adapter
+from .adapters import AdapterError, LoraAdapter, check_finite, check_peft_config, load_adapter
 from .calibration import fingerprint, load_calibration
 from .config import NLSRConfig
 from .hub import MODEL_PATTERNS, PATCH_FILES, ResolvedInput, resolve
-from .modeling import load_base_model
+from .modeling import check_device, load_base_model, resolve_dtype
 from .patch import check_compatible_modules
 from .plan import RealignmentPlan
 from .reference import build_reference
@@ -19,7 +19,7 @@ from .restorers import RestoreInputs, get_restorer, restore
 from .result import RealignmentResult
 from .safety_patch import SafetyPatch, build_safety_patch
 from .scoring import get_scorer
-from .statistics import collect_statistics
+from .statistics import check_finite_statistics, collect_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,19 @@ def check_same_base(adapters: Mapping[str, LoraAdapter]) -> None:
             f"The adapters were trained on different base models ({listing}). NLSR compares adapters of one "
             "base model; pass adapters of the same base, or `strict_base=False` if these names are the same model."
         )
+
+
+def _check_inputs(**inputs: Any) -> None:
+    """A `TypeError` for an input of the wrong kind, an `AdapterError` naming the role and module for NaN/inf."""
+    for role, value in inputs.items():
+        kind = SafetyPatch if role == "safety_patch" else LoraAdapter
+        if value is None:
+            continue
+        if not isinstance(value, kind):
+            raise TypeError(f"`{role}` must be a {kind.__name__} (got {type(value).__name__}); use "
+                            "`NLSRPatcher.from_pretrained` to pass folders or Hub ids.")
+        if isinstance(value, LoraAdapter):
+            check_finite(value, f"The {role} adapter")
 
 
 class NLSRPatcher:
@@ -62,6 +75,12 @@ class NLSRPatcher:
     ) -> None:
         if aligned is None and reference is None and safety_patch is None:
             raise ValueError("Pass `aligned` (to build the EXPO reference), `reference` or `safety_patch`.")
+        if config is not None and not isinstance(config, NLSRConfig):
+            raise TypeError(f"`config` must be an NLSRConfig (got {type(config).__name__}); build one with "
+                            "`NLSRConfig(...)` or `NLSRConfig.from_yaml(text)`.")
+        _check_inputs(finetuned=finetuned, aligned=aligned, reference=reference, weak=weak, safety_patch=safety_patch)
+        resolve_dtype(dtype)  # cheap checks first: a bad dtype or device fails now, not after loading the model
+        check_device(device)
         self.config = config or NLSRConfig.preset("default")
         self.finetuned = finetuned
         self.aligned, self.weak, self._reference = aligned, weak, reference
@@ -204,10 +223,12 @@ class NLSRPatcher:
                                      restoration=config.effective_restoration if nlsr else "neuron")
         stats, calibration_meta = None, {}
         if pairs is not None:
+            check_peft_config(reference)
             model, tokenizer = self._load_model()
             stats = collect_statistics(model, tokenizer, reference, pairs, needs=scorer.needs,
                                        batch_size=config.batch_size, max_length=config.max_length, progress=progress,
                                        sparsity_ratio=config.sparsity_ratio, compat=config.compat)
+            check_finite_statistics(stats)
             tokens = max((s.tokens for s in stats.values()), default=0)
             calibration_meta = {"samples": len(pairs), "response_tokens": tokens, "sha256": key,
                                 "source": "built-in" if calibration is None else type(calibration).__name__}

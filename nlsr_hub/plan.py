@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 from .adapters import block_order, layer_index, module_type
 from .config import NLSRConfig
-from .io import atomic_write_text
+from .io import atomic_write_text, read_text_file
 from .selection import Selection, select_modules
 
 PLAN_NAME = "nlsr_plan.json"
@@ -38,6 +39,44 @@ class ModuleDecision:
     neurons_total: int
     rank: int | None = None  # the realigned module's LoRA rank, where the restorer changed it
     error: float | None = None  # relative Frobenius error of a re-factorised (truncated SVD) correction
+
+    def __post_init__(self) -> None:
+        """Every field checked by type and range, so a tampered plan (``patched: "false"``, similarity 5.0) is
+        refused with a `ValueError` / `TypeError` naming the module and the field."""
+        def bad(field_name: str, expected: str) -> TypeError:
+            value = getattr(self, field_name)
+            return TypeError(f"Plan entry {self.name!r}: `{field_name}` must be {expected} (got {value!r}).")
+
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError(f"A plan entry's `name` must be a non-empty string (got {self.name!r}).")
+        checks = (
+            ("block", _is_int(self.block, 0) or self.block is None, "a block index >= 0 or null"),
+            ("module_type", isinstance(self.module_type, str), "a string"),
+            ("similarity", _is_real(self.similarity, -1.0, 1.0), "a cosine similarity in [-1, 1]"),
+            ("order", _is_int(self.order, 0), "an integer >= 0"),
+            ("patched", isinstance(self.patched, bool), "true or false"),
+            ("keep_probability", self.keep_probability is None or _is_real(self.keep_probability, 0.0, 1.0),
+             "a probability in [0, 1] or null"),
+            ("draw", self.draw is None or (_is_int(self.draw, 0) and self.draw <= 1), "0, 1 or null"),
+            ("neurons_total", _is_int(self.neurons_total, 0), "an integer >= 0"),
+            ("neurons_restored", _is_int(self.neurons_restored, 0) and _is_int(self.neurons_total, 0)
+             and self.neurons_restored <= self.neurons_total,
+             "an integer in [0, neurons_total]"),
+            ("rank", self.rank is None or _is_int(self.rank, 0), "an integer >= 0 or null"),
+            ("error", self.error is None or _is_real(self.error, 0.0, math.inf), "a finite number >= 0 or null"),
+        )
+        for field_name, valid, expected in checks:
+            if not valid:
+                raise bad(field_name, expected)
+
+
+def _is_int(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_real(value: Any, low: float, high: float) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and low <= value <= high)
 
 
 @dataclass(frozen=True)
@@ -150,25 +189,65 @@ class RealignmentPlan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RealignmentPlan:
+        """A plan from `to_dict`'s output, every entry validated (a `ValueError` / `TypeError` names what is wrong)."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"A plan is a JSON object (got {type(data).__name__}); write it with "
+                            "`RealignmentPlan.save`.")
         if data.get("format") != PLAN_FORMAT:
             raise ValueError(f"Unsupported plan format {data.get('format')!r}; this nlsr-hub reads {PLAN_FORMAT}.")
-        return cls(
-            modules=tuple(ModuleDecision(**m) for m in data["modules"]),
-            config=dict(data["config"]),
-            inputs=dict(data.get("inputs", {})),
-            calibration=dict(data.get("calibration", {})),
-        )
+        for key, kind in (("modules", list), ("config", dict), ("inputs", dict), ("calibration", dict)):
+            if not isinstance(data.get(key, kind()), kind) or (key in ("modules", "config") and key not in data):
+                raise TypeError(f"The plan's `{key}` must be a JSON {'array' if kind is list else 'object'}.")
+        modules = tuple(_decision(m) for m in data["modules"])
+        names = [m.name for m in modules]
+        if len(set(names)) != len(names):
+            raise ValueError(f"The plan names a module twice ({sorted({n for n in names if names.count(n) > 1})}).")
+        _check_plan_config(data["config"])
+        return cls(modules=modules, config=dict(data["config"]), inputs=dict(data.get("inputs", {})),
+                   calibration=dict(data.get("calibration", {})))
 
     @classmethod
     def from_json(cls, text: str) -> RealignmentPlan:
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"The plan is not valid JSON ({err}).") from None
+        return cls.from_dict(data)
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> RealignmentPlan:
-        return cls.from_json(Path(path).read_text(encoding="utf-8"))
+        text = read_text_file(path, "Plan file")
+        try:
+            return cls.from_json(text)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"Plan file {path}: {err}") from None
+
+
+_DECISION_FIELDS = tuple(f.name for f in dataclasses.fields(ModuleDecision))
+
+
+def _decision(entry: Any) -> ModuleDecision:
+    """One `ModuleDecision` from its JSON object, with unknown or missing keys named."""
+    if not isinstance(entry, dict):
+        raise TypeError(f"A plan entry is a JSON object (got {type(entry).__name__}).")
+    unknown = sorted(map(str, set(entry) - set(_DECISION_FIELDS)))
+    required = [f.name for f in dataclasses.fields(ModuleDecision) if f.default is dataclasses.MISSING]
+    missing = [k for k in required if k not in entry]
+    if unknown or missing:
+        raise ValueError(f"Plan entry {entry.get('name')!r} has unknown keys {unknown} / lacks keys {missing}.")
+    return ModuleDecision(**entry)
+
+
+def _check_plan_config(config: dict[str, Any]) -> None:
+    """The plan's config must be a valid `NLSRConfig` (fields this version does not know are ignored)."""
+    known = {f.name for f in dataclasses.fields(NLSRConfig)}
+    try:
+        NLSRConfig.from_dict({k: v for k, v in config.items() if k in known})
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"The plan's config is invalid: {err}") from None
 
 
 def plan_realignment(

@@ -7,9 +7,11 @@ rank-(r_a + r_w) LoRA ``B = [(1+β)·s_a·B_a | −β·s_w·B_w]``, ``A = [A_a ;
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .adapters import AdapterError, LoraAdapter, LoraModule
+from .adapters import AdapterError, LoraAdapter, LoraModule, check_finite
 
 
 def expo_module(aligned: LoraModule | None, weak: LoraModule | None, beta: float) -> LoraModule:
@@ -49,16 +51,20 @@ def build_reference(
         beta: extrapolation strength; 0 returns the aligned adapter's updates unchanged.
         compat: reproduce the published code (both factors scaled by 2β; no weak adapter).
     """
-    if beta < 0:
-        raise ValueError(f"`beta` must be >= 0 (got {beta}).")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        raise TypeError(f"`beta` must be a number (got {beta!r}).")
+    if not math.isfinite(beta) or beta < 0:
+        raise ValueError(f"`beta` must be a finite number >= 0 (got {beta}); 0 uses the aligned adapter itself.")
     if compat:
         if weak is not None:
             raise ValueError("`compat=True` reproduces the published code, which has no weak adapter; drop `weak`.")
         modules = {name: expo_module_compat(module, beta) for name, module in aligned.modules.items()}
-        return LoraAdapter(modules=modules, config=dict(aligned.config))
-    names = sorted(set(aligned.modules) | set(weak.modules if weak is not None else ()))
-    modules = {
-        name: expo_module(aligned.modules.get(name), weak.modules.get(name) if weak is not None else None, beta)
-        for name in names
-    }
-    return LoraAdapter(modules=modules, config=dict(aligned.config))
+    else:
+        names = sorted(set(aligned.modules) | set(weak.modules if weak is not None else ()))
+        modules = {
+            name: expo_module(aligned.modules.get(name), weak.modules.get(name) if weak is not None else None, beta)
+            for name in names
+        }
+    reference = LoraAdapter(modules=modules, config=dict(aligned.config))
+    check_finite(reference, f"The EXPO reference (beta={beta})")  # a huge beta overflows; never write inf
+    return reference

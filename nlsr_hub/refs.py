@@ -42,8 +42,23 @@ class InputRef:
                 f"Cannot resolve {text!r}: {hint}. Pass an existing local folder, or a Hub repo id "
                 "'org/name', optionally 'org/name@revision' or 'org/name:subfolder'."
             )
-        return cls(spec=text, repo_id=repo_id, revision=match.group("rev") or revision,
-                   subfolder=(match.group("sub") or "").strip("/") or None)
+        subfolder = check_subfolder(match.group("sub"), text)
+        rev = match.group("rev") or revision
+        if rev is not None and (not isinstance(rev, str) or ".." in rev or not rev.strip()):
+            raise ValueError(f"Revision {rev!r} of {text!r} is not a valid branch, tag or commit.")
+        return cls(spec=text, repo_id=repo_id, revision=rev, subfolder=subfolder)
+
+
+def check_subfolder(subfolder: str | None, spec: str) -> str | None:
+    """The normalised ``:subfolder`` of a Hub reference (None when absent). It must stay inside the repo: no ``..``
+    and no backslash (leading slashes are dropped), so a Hub input never reads a folder outside its own snapshot."""
+    if subfolder is None:
+        return None
+    parts = [p for p in subfolder.split("/") if p not in ("", ".")]
+    if "\\" in subfolder or ".." in parts:
+        raise ValueError(f"The subfolder {subfolder!r} of {spec!r} leaves the repository; write a folder inside the "
+                         "repo, e.g. 'org/name:adapters/task'.")
+    return "/".join(parts) or None
 
 
 def _valid_repo_id(repo_id: str) -> bool:

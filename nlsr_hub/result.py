@@ -8,16 +8,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .adapters import LoraAdapter, save_adapter
+from .adapters import CONFIG_NAME, WEIGHTS_NAME, LoraAdapter, write_adapter_files
 from .card import PLOT_NAME, render_card
 from .config import NLSRConfig
-from .hub import PushToHubMixin
-from .io import atomic_directory, atomic_write_bytes, atomic_write_text
+from .hub import PushToHubMixin, lineage_paths
+from .io import atomic_directory, atomic_write_bytes, atomic_write_text, check_not_an_input
 from .plan import PLAN_NAME, RealignmentPlan
 from .plot import similarity_heatmap_png
 from .safety_patch import SafetyPatch
 
 CONFIG_FILE_NAME = "nlsr_config.json"
+# every file of a saved result (what a re-save may replace, and what `nlsr push` uploads)
+RESULT_FILES = (CONFIG_NAME, WEIGHTS_NAME, PLAN_NAME, CONFIG_FILE_NAME, PLOT_NAME, "README.md")
 
 
 @dataclass(frozen=True)
@@ -62,14 +64,17 @@ class RealignmentResult(PushToHubMixin):
         self, save_directory: str | Path, *, repo_id: str | None = None, existing_card: Any | None = None
     ) -> Path:
         """Write the adapter (``adapter_config.json``, ``adapter_model.safetensors``), ``nlsr_plan.json``,
-        ``nlsr_config.json``, the similarity plot and a ``README.md`` model card. Every file is written
-        atomically, and the same inputs give the same bytes."""
+        ``nlsr_config.json``, the similarity plot and a ``README.md`` model card, and the same inputs give the same
+        bytes. The folder is written beside `save_directory` and swapped in as a whole: `save_directory` must be
+        new, empty or an earlier result (never a folder holding other files), and never one of the plan's local
+        inputs or a folder inside or around one."""
         if self.adapter is None:
             raise ValueError("This result comes from a dry run and has no adapter; call `realign()` without "
                              "`dry_run=True` to build one.")
+        check_not_an_input(save_directory, lineage_paths(dict(self.plan.inputs)), flag="save_directory")
         card = str(self.model_card(repo_id, existing=existing_card))
-        with atomic_directory(save_directory) as directory:
-            save_adapter(self.adapter, directory)
+        with atomic_directory(save_directory, owned=RESULT_FILES, marker=PLAN_NAME) as directory:
+            write_adapter_files(self.adapter, directory)
             self.plan.save(directory / PLAN_NAME)
             atomic_write_text(directory / CONFIG_FILE_NAME, self.config.to_json())
             atomic_write_bytes(directory / PLOT_NAME, similarity_heatmap_png(self.plan))

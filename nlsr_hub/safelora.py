@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapters import LoraAdapter, LoraModule
-from .similarity import lowrank_cosine, lowrank_inner
+from .similarity import lowrank_cosine, lowrank_inner, naming_module
 
 
 def project_B(aligned: LoraModule, B: torch.Tensor) -> torch.Tensor:
@@ -57,7 +57,8 @@ def safelora(aligned: LoraAdapter, finetuned: LoraAdapter, *, threshold: float =
         ft = finetuned.modules[name]
         projected[name] = project_B(aligned.modules[name], ft.B)
         A_t, B_t = ft.A.to(torch.float32), ft.B.to(torch.float32)
-        similarity[name] = lowrank_cosine(projected[name], A_t, B_t, A_t)
+        with naming_module(name):
+            similarity[name] = lowrank_cosine(projected[name], A_t, B_t, A_t)
     if lowest is None:
         chosen = {name for name in names if similarity[name] < threshold}
     else:

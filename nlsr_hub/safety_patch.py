@@ -9,6 +9,7 @@ number of fine-tuned adapters. On disk: ``nlsr_safety_patch.safetensors`` (``<mo
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,15 +17,23 @@ from typing import Any
 
 import torch
 
-from .adapters import AdapterError, LoraAdapter, LoraModule
-from .hub import PushToHubMixin
-from .io import atomic_directory, atomic_write_bytes, atomic_write_text
+from .adapters import AdapterError, LoraAdapter, LoraModule, check_finite
+from .hub import PushToHubMixin, lineage_paths
+from .io import (
+    atomic_directory,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_not_an_input,
+    check_readable_file,
+    read_text_file,
+)
 from .masks import ModuleMask, mask_from_scores
 from .scoring import ModuleStats, get_scorer
 
 PATCH_WEIGHTS_NAME = "nlsr_safety_patch.safetensors"
 PATCH_META_NAME = "nlsr_safety_patch.json"
 PATCH_FORMAT = 1
+PATCH_FOLDER_FILES = (PATCH_WEIGHTS_NAME, PATCH_META_NAME, "README.md")  # what a saved patch folder holds
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,13 @@ class SafetyPatch(PushToHubMixin):
             raise ValueError("A safety patch needs exactly one mask per reference module.")
         if self.input_norms and set(self.input_norms) != set(self.reference.modules):
             raise ValueError("A safety patch's input norms must cover every reference module, or none.")
+        if not isinstance(self.metadata, Mapping):
+            raise TypeError(f"A safety patch's `metadata` must be a mapping (got {type(self.metadata).__name__}).")
+        check_finite(self.reference, "The safety patch's reference")
+        for name in sorted(self.masks):
+            _check_mask(name, self.reference.modules[name], self.masks[name])
+            if name in self.input_norms:
+                _check_input_norm(name, self.reference.modules[name], self.input_norms[name])
 
     @property
     def granularity(self) -> str:
@@ -70,7 +86,8 @@ class SafetyPatch(PushToHubMixin):
         return LoraAdapter(modules=modules, config=dict(self.reference.config))
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write the patch (safetensors + JSON + README; atomic, byte-deterministic)."""
+        """Write the patch (safetensors + JSON + README; byte-deterministic) beside `path` and swap it in as a whole.
+        `path` must be new, empty or an earlier safety patch, and never one of the patch's local inputs."""
         from safetensors.torch import save
 
         tensors: dict[str, torch.Tensor] = {}
@@ -92,7 +109,8 @@ class SafetyPatch(PushToHubMixin):
             "reference_config": dict(self.reference.config),
             "modules": modules_meta,
         }
-        with atomic_directory(path) as directory:
+        check_not_an_input(path, lineage_paths(self.metadata.get("inputs", {})), flag="path")
+        with atomic_directory(path, owned=PATCH_FOLDER_FILES, marker=PATCH_META_NAME) as directory:
             atomic_write_bytes(directory / PATCH_WEIGHTS_NAME, save(tensors, metadata={"format": "nlsr-safety-patch"}))
             atomic_write_text(directory / PATCH_META_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
             atomic_write_text(directory / "README.md", self._card_text())
@@ -108,10 +126,8 @@ class SafetyPatch(PushToHubMixin):
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> SafetyPatch:
-        """Read a patch written by `save_pretrained` (safetensors only, never pickle)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
+        """Read a patch written by `save_pretrained` (safetensors only, never pickle). Every field is checked by
+        type, shape and finiteness; an `AdapterError` names what is wrong."""
         directory = Path(path)
         meta_path, weights_path = directory / PATCH_META_NAME, directory / PATCH_WEIGHTS_NAME
         if not meta_path.is_file() or not weights_path.is_file():
@@ -119,26 +135,90 @@ class SafetyPatch(PushToHubMixin):
                 f"{directory} is not an nlsr safety patch: it needs `{PATCH_META_NAME}` and `{PATCH_WEIGHTS_NAME}` "
                 "(written by `SafetyPatch.save_pretrained` or `nlsr patch`)."
             )
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            tensors = load_file(str(weights_path))
-        except (json.JSONDecodeError, SafetensorError, OSError, ValueError) as err:
-            raise AdapterError(f"Safety patch {directory} is corrupt ({err}); build or download it again.") from None
-        if meta.get("format") != PATCH_FORMAT:
-            raise AdapterError(
-                f"Safety patch format {meta.get('format')!r} is not supported (expected {PATCH_FORMAT})."
-            )
+        meta = _read_patch_meta(meta_path)
+        tensors = _read_patch_tensors(weights_path)
         modules, masks = {}, {}
-        try:
-            for name, info in meta["modules"].items():
+        for name, info in sorted(meta["modules"].items()):
+            try:
                 modules[name] = LoraModule(tensors[f"{name}.ref_A"], tensors[f"{name}.ref_B"], float(info["scale"]))
                 masks[name] = ModuleMask(A=tensors.get(f"{name}.mask_A"), B=tensors[f"{name}.mask_B"])
-        except KeyError as err:
-            raise AdapterError(f"Safety patch {directory} lacks tensor {err}; the file is incomplete.") from None
-        reference = LoraAdapter(modules=modules, config=meta.get("reference_config", {}))
+            except KeyError as err:
+                raise AdapterError(f"Safety patch {directory} lacks tensor {err}; the file is incomplete.") from None
+            except (AdapterError, TypeError) as err:
+                raise AdapterError(f"Safety patch {directory}, module {name!r}: {err}") from None
+        reference = LoraAdapter(modules=modules, config=meta["reference_config"])
         norms = {name: tensors[f"{name}.input_norm"] for name in modules if f"{name}.input_norm" in tensors}
-        return cls(reference=reference, masks=masks, metadata=meta.get("metadata", {}), input_norms=norms)
+        try:
+            return cls(reference=reference, masks=masks, metadata=meta["metadata"], input_norms=norms)
+        except (AdapterError, TypeError, ValueError) as err:
+            raise AdapterError(f"Safety patch {directory}: {err}") from None
 
+
+def _read_patch_meta(path: Path) -> dict[str, Any]:
+    """The patch's JSON metadata, checked by type: format, per-module scales, reference config and metadata."""
+    from .adapters import check_adapter_config
+
+    try:
+        meta = json.loads(read_text_file(path, "Safety patch metadata"))
+    except json.JSONDecodeError as err:
+        raise AdapterError(f"Safety patch metadata {path} is not valid JSON ({err}); build or download it again."
+                           ) from None
+    if not isinstance(meta, dict):
+        raise AdapterError(f"Safety patch metadata {path} must hold a JSON object (got {type(meta).__name__}).")
+    if meta.get("format") != PATCH_FORMAT:
+        raise AdapterError(f"Safety patch format {meta.get('format')!r} is not supported (expected {PATCH_FORMAT}).")
+    modules = meta.get("modules")
+    if not isinstance(modules, dict) or not modules:
+        raise AdapterError(f"Safety patch metadata {path}: `modules` must be a non-empty JSON object.")
+    for name, info in modules.items():
+        scale = info.get("scale") if isinstance(info, dict) else None
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0:
+            raise AdapterError(f"Safety patch metadata {path}: module {name!r} needs a finite, non-zero `scale` "
+                               f"(got {scale!r}).")
+    for key in ("reference_config", "metadata"):
+        meta.setdefault(key, {})
+        if not isinstance(meta[key], dict):
+            raise AdapterError(f"Safety patch metadata {path}: `{key}` must be a JSON object.")
+    check_adapter_config(meta["reference_config"], path)
+    return meta
+
+
+def _read_patch_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The patch's tensors (safetensors only); an `AdapterError` for an unreadable or corrupt file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    check_readable_file(path, "Safety patch weights")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterError(f"Safety patch weights {path} are corrupt ({err}); build or download the patch again."
+                           ) from None
+
+
+def _check_mask(name: str, module: LoraModule, mask: Any) -> None:
+    """An `AdapterError` naming the module unless `mask` is a boolean `ModuleMask` shaped for `module`."""
+    rank, (d_out, d_in) = module.rank, module.shape
+    if not isinstance(mask, ModuleMask):
+        raise AdapterError(f"Safety patch module {name!r}: the mask must be a ModuleMask (got {type(mask).__name__}).")
+    expected_B = (d_out, 1) if mask.A is None else (d_out, rank)
+    for part, tensor, shape in (("mask_B", mask.B, expected_B), ("mask_A", mask.A, (rank, d_in))):
+        if tensor is None:
+            continue
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.bool or tuple(tensor.shape) != shape:
+            got = f"{tensor.dtype} {tuple(tensor.shape)}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise AdapterError(f"Safety patch module {name!r}: {part} must be a boolean tensor of shape {shape} "
+                               f"(got {got}); the patch is damaged or belongs to another reference. Rebuild it.")
+
+
+def _check_input_norm(name: str, module: LoraModule, norm: Any) -> None:
+    """An `AdapterError` naming the module unless `norm` is a finite, non-negative (d_in,) float tensor."""
+    d_in = module.shape[1]
+    valid = (isinstance(norm, torch.Tensor) and norm.is_floating_point() and tuple(norm.shape) == (d_in,)
+             and bool(torch.isfinite(norm).all()) and bool((norm >= 0).all()))
+    if not valid:
+        raise AdapterError(f"Safety patch module {name!r}: input_norm must be a finite, non-negative float tensor of "
+                           f"shape ({d_in},); the patch is damaged. Rebuild it.")
 
 
 def build_safety_patch(

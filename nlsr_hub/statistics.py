@@ -99,6 +99,18 @@ def collect_statistics(
     return stats
 
 
+def check_finite_statistics(stats: dict[str, ModuleStats]) -> None:
+    """Raise a `ValueError` naming the module if a calibration statistic is NaN or infinite (a base model with
+    NaN weights, or a reference whose activations overflow the dtype): no mask is ever built from them."""
+    for name in sorted(stats):
+        for field in ("gram", "input_sq", "grad_A", "grad_B"):
+            value = getattr(stats[name], field)
+            if value is not None and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"The calibration pass gave NaN or infinite `{field}` statistics for module {name!r}: "
+                                 "the base model or the reference overflows (check the base model's weights, use "
+                                 "--dtype float32, or lower `beta`).")
+
+
 class _StopForward(Exception):
     """Raised by a hook once the block being recorded has run: later blocks are not needed."""
 

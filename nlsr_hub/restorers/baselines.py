@@ -14,7 +14,7 @@ from ..config import NLSRConfig
 from ..lowrank import combine
 from ..plan import plan_realignment
 from ..selection import Selection, similarity_order
-from ..similarity import lowrank_cosine
+from ..similarity import lowrank_cosine, naming_module
 from . import RestoreInputs, register_restorer
 
 
@@ -30,7 +30,8 @@ def update_cosines(aligned: LoraAdapter, finetuned: LoraAdapter) -> dict[str, fl
     out = {}
     for name in sorted(finetuned.modules):
         a, t = aligned.modules[name], finetuned.modules[name]
-        out[name] = lowrank_cosine(t.B * t.scale, t.A, a.B * a.scale, a.A)
+        with naming_module(name):
+            out[name] = lowrank_cosine(t.B * t.scale, t.A, a.B * a.scale, a.A)
     return out
 
 

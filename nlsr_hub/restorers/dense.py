@@ -16,6 +16,7 @@ them). Never more than one module's d_out × d_in is in memory.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from ..config import NLSRConfig
 from ..lowrank import add_dense, combine, row_masked
 from ..masks import top_fraction_mask
 from ..plan import plan_realignment, with_outcomes
+from ..similarity import NonFiniteError, naming_module
 from . import RestoreInputs, register_restorer
 
 
@@ -56,6 +58,8 @@ def _cosine(delta_e: torch.Tensor, delta_t: torch.Tensor, mask: torch.Tensor) ->
     m = _expand(mask).to(torch.float64)
     e, t = delta_e.to(torch.float64) * m, delta_t.to(torch.float64) * m
     ne, nt = float(e.norm()), float(t.norm())
+    if not (math.isfinite(ne) and math.isfinite(nt)):
+        raise NonFiniteError("the similarity is not finite: the updates hold NaN or infinite values")
     if ne == 0.0 and nt == 0.0:
         return 1.0
     if ne == 0.0 or nt == 0.0:
@@ -98,7 +102,8 @@ def _restore_dense(inputs: RestoreInputs, config: NLSRConfig, build: bool, opera
         reference = patch.reference.modules[name]
         delta_e = reference.delta()
         mask = _mask(delta_e, patch.input_norms[name], config.sparsity_ratio, granularity)
-        sims[name] = _cosine(delta_e, target.modules[name].delta(), mask)
+        with naming_module(name):
+            sims[name] = _cosine(delta_e, target.modules[name].delta(), mask)
         counts[name] = _mask_counts(mask, reference.shape)
         if mask.ndim == 1:  # row masks are d_out bools: kept for the build; element masks are recomputed there
             rows[name] = mask
