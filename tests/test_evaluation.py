@@ -281,3 +281,24 @@ def test_score_responses_under_any_judge_and_the_safety_report():
     assert len(harmless) == 24 and not any(is_refusal(p) for p in harmless)
     with pytest.raises(ValueError, match="differ in length"):
         score_responses(prompts, responses, "refusal", harmless_prompts=["a"], harmless_responses=[])
+
+
+def test_grid_report_names_the_non_refusal_rate_with_over_refusal_beside_it():
+    from nlsr_hub.experiments.demo import summary
+    from nlsr_hub.experiments.report import markdown
+
+    rows = [{"model": "aligned", "method": "sft", "hs": 20.0, "hs_advbench": 10.0, "hs_beavertails": 30.0,
+             "over_refusal": 4.0, "fa_sst2": 80.0}]
+    for model, hs, over in (("finetuned", 60.0, 2.0), ("nlsr", 40.0, 3.0), ("safelora", 55.0, 9.0)):
+        rows.append({"model": model, "method": "sft", "task": "sst2", "p": 0.05, "hs": hs, "over_refusal": over,
+                     "fa_sst2": 70.0, "patched": 3})
+    results = {"rows": rows, "preset": "quick", "settings": {"methods": ["sft"], "safelora_threshold": 0.6},
+               "sizes": {"harmful_eval": {"advbench": 2, "beavertails": 2}, "tasks": {"sst2": 5}}, "info": {},
+               "wall_seconds": 1.0, "stages_cached": 0, "stage_seconds": {}}
+    text = markdown(results)
+    assert "| HS" not in text and "harmful score" not in text
+    assert "measures non-refusal, not harm" in text
+    attack = next(line for line in text.splitlines() if line.startswith("| sst2 p=0.05"))
+    assert attack.split(" | ")[1:7] == ["60.0", "40.0", "55.0", "2.0", "3.0", "9.0"]  # rates, then over-refusal
+    demo = summary(results, 1.0)
+    assert "non-refusal %" in demo and "over-refusal %" in demo and "HS" not in demo

@@ -27,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     grid.add_argument("--preference-chosen", choices=("dataset", "refusal"), default=None,
                       help="preference pairs on harmful prompts: the data set's safer answer is chosen (default), "
                       "or a refusal is chosen over the less safe answer")
-    demo = sub.add_parser("demo", help="SmolLM2: SFT alignment, SST-2 p=0.05 attack, NLSR, HS/FA before and after")
+    demo = sub.add_parser("demo", help="SmolLM2: SFT alignment, SST-2 p=0.05 attack, NLSR; non-refusal rate, "
+                          "over-refusal and FA before and after")
     for command in (grid, demo):
         command.add_argument("--out", type=Path, help="results folder (default results/<preset>)")
         command.add_argument("--data", type=Path, help="benchmark data folder (default $NLSR_DATA or ../shared/data)")

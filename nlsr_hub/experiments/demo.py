@@ -152,15 +152,16 @@ def summary(results: dict[str, Any], seconds: float) -> str:
     rows = results["rows"]
     sizes = results["sizes"]
     lines = ["", "NLSR demo on SmolLM2-135M-Instruct (SFT-aligned, SST-2 attack with p = 0.05)",
-             f"HS = % of {sum(sizes['harmful_eval'].values())} harmful prompts answered without refusal "
-             f"(keyword judge); FA = SST-2 accuracy on {sizes['tasks'].get('sst2')} validation rows.", "",
-             f"{'model':<22}{'HS %':>8}{'FA %':>8}{'over-refusal %':>16}"]
+             f"non-refusal = % of {sum(sizes['harmful_eval'].values())} harmful prompts answered without a refusal "
+             f"cue (keyword detector: it measures non-refusal, not harm); over-refusal = % of harmless prompts "
+             f"refused; FA = SST-2 accuracy on {sizes['tasks'].get('sst2')} validation rows.", "",
+             f"{'model':<22}{'non-refusal %':>15}{'FA %':>8}{'over-refusal %':>16}"]
     default = NLSRConfig.preset("default").restorer
     for label, model in (("base", "base"), ("aligned (SFT)", "aligned"), ("fine-tuned (attack)", "finetuned"),
                          ("NLSR-realigned", "nlsr"), (f"realigned ({default})", "default")):
         row = _find(rows, model=model)
         if row is not None:
-            lines.append(f"{label:<22}{_fmt(row['hs']):>8}{_fmt(row.get('fa_sst2')):>8}"
+            lines.append(f"{label:<22}{_fmt(row['hs']):>15}{_fmt(row.get('fa_sst2')):>8}"
                          f"{_fmt(row.get('over_refusal')):>16}")
     for label, model in (("NLSR (paper settings)", "nlsr"), (f"The default restorer `{default}`", "default")):
         row = _find(rows, model=model)

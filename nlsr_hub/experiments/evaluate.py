@@ -1,4 +1,5 @@
-"""Evaluate one model (a base folder plus an optional LoRA adapter): harmful score, over-refusal, task accuracy."""
+"""Evaluate one model (a base folder plus an optional LoRA adapter): non-refusal rate (keyword refusal detector; it
+measures non-refusal, not harm), over-refusal and task accuracy, every rate computed through `nlsr_hub.metrics`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from ..evaluation import generate_responses, harmful_score, task_accuracy
 from ..evaluation.judges import is_refusal
 from ..evaluation.tasks import TaskExample
+from ..metrics import compute_metric
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,8 @@ def load_eval_model(base: str | Path, adapter: str | Path | None) -> tuple[Any, 
 def evaluate_model(base: str | Path, adapter: str | Path | None, *, harmful: Mapping[str, Sequence[str]],
                    harmless: Sequence[str], tasks: Mapping[str, Sequence[TaskExample]], settings: EvalSettings,
                    progress: bool = True) -> dict[str, Any]:
-    """Scores and per-item responses. HS uses the keyword refusal judge (a non-refusal counts as harmful)."""
+    """Scores and per-item responses. ``hs`` (kept as the key of earlier results) is the non-refusal rate of the
+    keyword refusal detector, per harmful set and over all (``hs_all``); ``over_refusal`` is beside it."""
     started = time.perf_counter()
     model, tokenizer = load_eval_model(base, adapter)
     out: dict[str, Any] = {"hs": {}, "fa": {}, "n": {}, "items": {}}
@@ -62,12 +65,13 @@ def evaluate_model(base: str | Path, adapter: str | Path | None, *, harmful: Map
         out["items"][name] = [{"prompt": p, "response": r, "harmful": v.harmful}
                               for p, r, v in zip(result.prompts, result.responses, result.verdicts, strict=True)]
         all_verdicts.extend(v.harmful for v in result.verdicts)
-    out["hs_all"] = 100.0 * sum(all_verdicts) / len(all_verdicts) if all_verdicts else None
+    out["hs_all"] = (compute_metric("non_refusal_rate", [not flagged for flagged in all_verdicts])["non_refusal_rate"]
+                     if all_verdicts else None)
     if harmless:
         responses = generate_responses(model, tokenizer, list(harmless), max_new_tokens=settings.hs_new_tokens,
                                        batch_size=settings.batch_size, progress=progress, desc="nlsr: harmless")
         refused = [is_refusal(r) for r in responses]
-        out["over_refusal"] = 100.0 * sum(refused) / len(refused)
+        out["over_refusal"] = compute_metric("over_refusal", refused)["over_refusal"]
         out["n"]["harmless"] = len(refused)
         out["items"]["harmless"] = [{"prompt": p, "response": r, "refusal": f}
                                     for p, r, f in zip(harmless, responses, refused, strict=True)]
