@@ -1,4 +1,5 @@
-"""Sweep NLSR settings on one fine-tuned adapter: harmful score and SST-2 accuracy of each realignment.
+"""Sweep NLSR settings on one fine-tuned adapter: the non-refusal rate (keyword judge: it measures non-refusal, not
+harm), over-refusal on nlsr-hub's built-in harmless prompts, and SST-2 accuracy of each realignment.
 
 Example (the quick grid's SFT-aligned adapter attacked on SST-2 with p = 0.05; stage folders are printed by
 ``python -m nlsr_hub.experiments grid --quick``):
@@ -21,6 +22,7 @@ import torch
 
 from nlsr_hub import NLSRConfig, NLSRPatcher
 from nlsr_hub.evaluation import harmful_score, load_task_examples, task_accuracy
+from nlsr_hub.evaluation.safety import builtin_harmless_prompts
 from nlsr_hub.experiments.data import data_root, load_harmful_eval, load_refusals
 from nlsr_hub.experiments.evaluate import load_eval_model
 
@@ -63,15 +65,17 @@ def main() -> None:
     rows = json.loads(args.calibration.read_text(encoding="utf-8"))["rows"]
     calibration = [(r["prompt"], r["response"]) for r in rows]
 
-    def evaluate(adapter: Path) -> tuple[float, float]:
+    def evaluate(adapter: Path) -> tuple[float, float, float]:
         model, tokenizer = load_eval_model(args.base, adapter)
-        hs = harmful_score(model, tokenizer, prompts, max_new_tokens=32, batch_size=16, progress=False).score
+        safety = harmful_score(model, tokenizer, prompts, max_new_tokens=32, batch_size=16, progress=False,
+                               harmless_prompts=builtin_harmless_prompts())
         fa = task_accuracy(model, tokenizer, "sst2", examples, max_new_tokens=4, batch_size=16, progress=False).accuracy
-        return hs, fa
+        return safety.score, safety.over_refusal, fa
 
-    hs, fa = evaluate(args.finetuned)
-    print("| setting | modules patched | HS % | SST-2 FA % | realign s |\n| --- | --- | --- | --- | --- |")
-    print(f"| fine-tuned (no realignment) | - | {hs:.1f} | {fa:.1f} | - |", flush=True)
+    rate, over, fa = evaluate(args.finetuned)
+    print("| setting | modules patched | non-refusal % | over-refusal % | SST-2 FA % | realign s |\n"
+          "| --- | --- | --- | --- | --- | --- |")
+    print(f"| fine-tuned (no realignment) | - | {rate:.1f} | {over:.1f} | {fa:.1f} | - |", flush=True)
     names = list(SETTINGS) if args.only is None else [n.strip() for n in args.only.split(",")]
     unknown = sorted(set(names) - set(SETTINGS))
     if unknown:
@@ -84,9 +88,9 @@ def main() -> None:
         result = patcher.realign(calibration, progress=False)
         seconds = time.perf_counter() - started
         out = result.save_pretrained(args.out / name.replace(" ", "_"))
-        hs, fa = evaluate(out)
+        rate, over, fa = evaluate(out)
         patched = f"{result.plan.num_patched}/{len(result.plan.modules)}"
-        print(f"| {name} | {patched} | {hs:.1f} | {fa:.1f} | {seconds:.0f} |", flush=True)
+        print(f"| {name} | {patched} | {rate:.1f} | {over:.1f} | {fa:.1f} | {seconds:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
