@@ -203,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
                   "and why, cache folders, and where each benchmark data set resolves.", _cmd_env)
     env.add_argument("--data", type=Path, help="Benchmark data folder to check (default $NLSR_DATA or ../shared/data).")
     env.add_argument("--json", action="store_true", help="Print JSON instead of text.")
+
+    from .webhook.command import add_webhook_arguments
+
+    webhook = command("webhook", "Serve a Hub webhook: every new commit of a watched adapter repo is realigned with "
+                      "the safety patch and opened as a pull request (or committed to another repo).", _cmd_webhook)
+    add_webhook_arguments(webhook)
+    add_config_arguments(webhook)
     return parser
 
 
@@ -426,6 +433,12 @@ def _cmd_env(args: argparse.Namespace) -> int:
     info = environment(args.data)
     print(json.dumps(info, indent=1) if args.json else format_environment(info))
     return 0
+
+
+def _cmd_webhook(args: argparse.Namespace) -> int:
+    from .webhook.command import run_webhook
+
+    return run_webhook(args, config_from_args(args))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -14,7 +14,11 @@ keyed by sha256; a commit can only reference one that was uploaded.
 
 Routes (table ``_ROUTES``): whoami, validate-yaml, repo create / info / tree / paths-info / refs / commits,
 branch create and delete, preupload, NDJSON commit (``?create_pr=1`` opens ``refs/pr/N``), the LFS batch API
-(basic transfer, upload and verify URLs on this server) and HEAD/GET ``resolve`` with ``Range``. A revision is a
+(basic transfer, upload and verify URLs on this server), HEAD/GET ``resolve`` with ``Range``, and discussions:
+list (paginated, filtered by type, status and author), create (a discussion, or a draft pull request on
+``refs/pr/N``), details with events, comment and merge. Discussions and pull requests share one numbering per
+repo; a pull request opened by a ``create_pr`` commit is listed too, and merging one applies its changes (against
+the commit it was opened on) to its base branch in a commit titled "Merge pull request #N". A revision is a
 branch, a full commit sha or ``refs/pr/N``. Errors carry ``X-Error-Code`` (RepoNotFound, RevisionNotFound,
 EntryNotFound) so that the client raises its typed exceptions.
 
@@ -111,6 +115,29 @@ class Commit:
 
 
 @dataclass
+class Discussion:
+    """A discussion or pull request (``ref`` = ``refs/pr/N``); ``events`` are the Hub's event dicts."""
+
+    num: int
+    title: str
+    author: str
+    is_pull_request: bool
+    status: str  # "open", "draft", "closed" or "merged"
+    created_at: str
+    events: list[dict] = field(default_factory=list)
+    ref: str | None = None
+    base: str = "main"
+    start: str | None = None  # the base commit the pull request's changes are relative to
+    merge_commit: str | None = None
+
+    def summary(self, repo: Repo) -> dict:
+        """The listing entry the client reads."""
+        return {"num": self.num, "title": self.title, "author": {"name": self.author}, "createdAt": self.created_at,
+                "status": self.status, "isPullRequest": self.is_pull_request,
+                "repo": {"name": repo.repo_id, "type": repo.repo_type}}
+
+
+@dataclass
 class Repo:
     repo_type: str
     repo_id: str
@@ -118,6 +145,7 @@ class Repo:
     created_at: str = field(default_factory=_now)
     commits: dict[str, Commit] = field(default_factory=dict)
     refs: dict[str, str] = field(default_factory=dict)  # branch name or "refs/pr/N" -> commit sha
+    discussions: dict[int, Discussion] = field(default_factory=dict)  # num -> discussion or pull request
 
     def ref_of(self, rev: str) -> str | None:
         """The movable ref that ``rev`` names (a branch or ``refs/pr/N``), or None."""
@@ -269,6 +297,35 @@ class HubServer:
     def repo_url(self, repo: Repo) -> str:
         return f"{self.url}/{_URL_PREFIX[repo.repo_type]}{repo.repo_id}"
 
+    def event(self, kind: str, data: dict) -> dict:
+        """A discussion event as the Hub serialises it (``comment``, ``commit``, ``status-change``)."""
+        self._counter += 1
+        return {"id": hashlib.sha1(f"event {self._counter}".encode()).hexdigest()[:24], "type": kind,
+                "createdAt": _now(), "author": {"name": self.user}, "data": data}
+
+    def comment_event(self, text: str) -> dict:
+        latest = {"raw": text, "html": f"<p>{text}</p>", "updatedAt": _now(), "author": {"name": self.user}}
+        return self.event("comment", {"edited": False, "hidden": False, "latest": latest, "history": [latest]})
+
+    def open_discussion(self, repo: Repo, title: str, description: str, *, pull_request: bool,
+                        status: str = "open", head: str | None = None) -> Discussion:
+        """Add a discussion (or a pull request whose ``refs/pr/N`` points at ``head``, default main's head)."""
+        with self.lock:
+            num = len(repo.discussions) + 1
+            found = Discussion(num, title, self.user, pull_request, status, _now(),
+                               [self.comment_event(description)])
+            if pull_request:
+                found.ref = f"refs/pr/{num}"
+                repo.refs[found.ref] = head or repo.refs["main"]
+                found.start = repo.commits[head].parent if head else repo.refs["main"]
+            repo.discussions[num] = found
+            return found
+
+    def discussions(self, repo_id: str, repo_type: str = "model") -> list[Discussion]:
+        """Every discussion and pull request of a repo, by number."""
+        with self.lock:
+            return [d for _, d in sorted(self.repos[(repo_type, repo_id)].discussions.items())]
+
 
 def _check_path(path: str) -> str:
     if not path or path.startswith("/") or any(part in ("", ".", "..") for part in path.split("/")):
@@ -322,6 +379,11 @@ _ROUTES = [(methods.split(), name, re.compile(pattern), write) for methods, name
     ("PUT", "lfs_upload", r"/_lfs/upload/(?P<oid>[0-9a-f]{64})", False),
     ("POST", "lfs_verify", r"/_lfs/verify/(?P<oid>[0-9a-f]{64})", False),
     ("GET HEAD", "resolve", _GIT + rf"/resolve/{_REV}/(?P<path>.+)", False),
+    ("GET", "discussions", _API + r"/discussions", False),
+    ("POST", "create_discussion", _API + r"/discussions", True),
+    ("GET", "discussion", _API + r"/discussions/(?P<num>\d+)", False),
+    ("POST", "comment", _API + r"/discussions/(?P<num>\d+)/comment", True),
+    ("POST", "merge", _API + r"/discussions/(?P<num>\d+)/merge", True),
 ]]
 ROUTE_NAMES = tuple(dict.fromkeys(name for _, name, _, _ in _ROUTES))
 
@@ -620,9 +682,13 @@ class _Handler(BaseHTTPRequestHandler):
             commit = hub._new_commit(found, base.sha, files, header["summary"], header.get("description", ""))
             pr_url = None
             if create_pr:
-                number = 1 + sum(r.startswith("refs/pr/") for r in found.refs)
-                ref, pr_url = f"refs/pr/{number}", f"{hub.repo_url(found)}/discussions/{number}"
+                opened = hub.open_discussion(found, header["summary"], header.get("description", ""),
+                                             pull_request=True, head=commit.sha)
+                ref, pr_url = opened.ref, f"{hub.repo_url(found)}/discussions/{opened.num}"
             found.refs[ref] = commit.sha
+            pr = next((d for d in found.discussions.values() if d.ref == ref), None)
+            if pr is not None:
+                pr.events.append(hub.event("commit", {"subject": commit.title, "oid": commit.sha}))
         commit_url = f"{hub.repo_url(found)}/commit/{commit.sha}"
         self._json({"success": True, "commitOid": commit.sha, "commitUrl": commit_url,
                     "pullRequestUrl": pr_url})
@@ -653,6 +719,72 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubError(416, f"Range {wanted!r} not satisfiable", None, {"Content-Range": f"bytes */{size}"})
         headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         self._send(206, blob.data[start:end + 1], headers)
+
+    # -- discussions and pull requests ---------------------------------------------------------------------
+    def _discussion(self, kind: str, repo: str, num: str) -> tuple[Repo, Discussion]:
+        found = self._repo(kind, repo)
+        discussion = found.discussions.get(int(num))
+        if discussion is None:
+            raise HubError(404, f"Discussion #{num} not found")
+        return found, discussion
+
+    def _r_discussions(self, kind: str, repo: str, query: dict, **_: Any) -> None:
+        found = self._repo(kind, repo)
+        wanted_type, wanted_status = query.get("type", ["all"])[0], query.get("status", ["all"])[0]
+        author, page, per_page = query.get("author", [None])[0], int(query.get("p", ["0"])[0]), 50
+        with self.hub.lock:
+            listed = [d.summary(found) for _, d in sorted(found.discussions.items(), reverse=True)
+                      if wanted_type in ("all", "pull_request" if d.is_pull_request else "discussion")
+                      and (wanted_status == "all" or (d.status in ("open", "draft")) == (wanted_status == "open"))
+                      and author in (None, d.author)]
+        start = page * per_page
+        self._json({"discussions": listed[start:start + per_page], "count": len(listed), "start": start,
+                    "numItemsPerPage": per_page})
+
+    def _r_create_discussion(self, kind: str, repo: str, body: bytes, **_: Any) -> None:
+        found = self._repo(kind, repo)
+        payload = json.loads(body or b"{}")
+        title = str(payload.get("title", "")).strip()
+        if not 3 <= len(title) <= 200:
+            raise HubError(400, "The title must be 3 to 200 characters long")
+        pull_request = bool(payload.get("pullRequest"))
+        opened = self.hub.open_discussion(found, title, str(payload.get("description", "")),
+                                          pull_request=pull_request, status="draft" if pull_request else "open")
+        self._json({"num": opened.num, "url": f"{self.hub.repo_url(found)}/discussions/{opened.num}"})
+
+    def _r_discussion(self, kind: str, repo: str, num: str, **_: Any) -> None:
+        found, discussion = self._discussion(kind, repo, num)
+        with self.hub.lock:
+            details = {**discussion.summary(found), "events": list(discussion.events), "pinned": False,
+                       "changes": {"base": f"refs/heads/{discussion.base}", "mergeCommitId": discussion.merge_commit},
+                       "filesWithConflicts": [], "diff": ""}
+        self._json(details)
+
+    def _r_comment(self, kind: str, repo: str, num: str, body: bytes, **_: Any) -> None:
+        discussion = self._discussion(kind, repo, num)[1]
+        text = str(json.loads(body or b"{}").get("comment", "")).strip()
+        if not text:
+            raise HubError(400, "A comment cannot be empty")
+        with self.hub.lock:
+            event = self.hub.comment_event(text)
+            discussion.events.append(event)
+        self._json({"newMessage": event})
+
+    def _r_merge(self, kind: str, repo: str, num: str, **_: Any) -> None:
+        found, discussion = self._discussion(kind, repo, num)
+        hub = self.hub
+        with hub.lock:
+            if not discussion.is_pull_request or discussion.status not in ("open", "draft"):
+                raise HubError(400, f"#{num} is not an open pull request")
+            head, base = found.resolve(discussion.ref), found.resolve(discussion.base)
+            start = found.commits[discussion.start].files if discussion.start else {}
+            files = {p: b for p, b in base.files.items() if p not in start or p in head.files}
+            files.update({p: b for p, b in head.files.items() if start.get(p) is not b})
+            commit = hub._new_commit(found, base.sha, files, f"Merge pull request #{num}", "")
+            found.refs[discussion.base] = commit.sha
+            discussion.status, discussion.merge_commit = "merged", commit.sha
+            discussion.events.append(hub.event("status-change", {"status": "merged"}))
+        self._json({})
 
 
 @contextlib.contextmanager
