@@ -97,7 +97,7 @@ def _check_outputs(output_dir: Path, specs: Sequence[str], names: Sequence[str],
     from .result import RESULT_FILES
 
     inputs = {**lineage_paths(patcher.inputs),
-              **{f"finetuned {spec}": str(path) for spec in specs if (path := InputRef.parse(spec).path) is not None}}
+              **{f"finetuned {spec!r}": str(path) for spec in specs if (path := InputRef.parse(spec).path) is not None}}
     check_output_folder(output_dir, owned=names, inputs=inputs, flag="output_dir")
     for name in names:
         check_output_folder(output_dir / name, owned=RESULT_FILES, marker=PLAN_NAME, inputs=inputs, flag="output_dir")

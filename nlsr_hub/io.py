@@ -98,7 +98,7 @@ def check_not_an_input(target: str | Path, inputs: Mapping[str, str | Path | Non
             relation = "contains"
         else:
             continue
-        raise ValueError(f"`{flag}` {target} {relation} the {role} input {path}; inputs are never modified, so "
+        raise ValueError(f"`{flag}` {target} {relation} the {role} input ({path}); inputs are never modified, so "
                          "write the output to a new folder outside every input.")
 
 

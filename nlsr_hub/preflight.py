@@ -26,7 +26,7 @@ def local_inputs(args: argparse.Namespace, specs: Sequence[str] = ()) -> dict[st
     """``--flag -> path`` of every input that is an existing local path (Hub ids are not local)."""
     found: dict[str, str] = {}
     named = [(flag, getattr(args, flag, None)) for flag in _INPUT_FLAGS]
-    named += [(f"finetuned {spec}", spec) for spec in specs]
+    named += [("finetuned" if len(specs) == 1 else f"finetuned #{i}", spec) for i, spec in enumerate(specs, 1)]
     for flag, value in named:
         if value is not None and Path(str(value)).expanduser().exists():
             found[f"--{flag.replace('_', '-')}"] = str(Path(str(value)).expanduser())
