@@ -456,6 +456,16 @@ def test_cli_without_a_secret_exits_2_with_one_line(monkeypatch, capsys):
     assert err.count("\n") == 1 and "secret" in err and "WEBHOOK_SECRET" in err
 
 
+def test_cli_checks_the_safety_patch_before_serving(tmp_path, capsys):
+    from nlsr_hub.cli import main
+
+    missing = tmp_path / "no-patch"
+    assert main(["webhook", "--safety-patch", str(missing), "--watch", "*", "--secret", "s", "--port",
+                 str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nlsr webhook: error:") and err.count("\n") == 1
+
+
 def test_cli_serves_until_interrupted_and_opens_the_pull_request(world, tmp_path):
     """`nlsr webhook` in a subprocess (secret and token from the environment, never on the command line)."""
     import signal

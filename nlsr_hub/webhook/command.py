@@ -60,7 +60,7 @@ def run_webhook(args: argparse.Namespace, config: Any) -> int:
 
     settings = webhook_settings_from_args(args, config)
     logging.getLogger("nlsr_hub.webhook").setLevel(logging.INFO)
-    print(f"nlsr webhook: watching {', '.join(settings.watch)}; results as {settings.destination}; POST Hub events "
-          f"to http://{args.host}:{args.port}/webhooks/realign")
+    print(f"nlsr webhook: checking the safety patch, then serving http://{args.host}:{args.port}/webhooks/realign "
+          f"(watching {', '.join(settings.watch)}; results as {settings.destination})")
     serve(settings, server_name=args.host, server_port=args.port, block=True)
     return 0
