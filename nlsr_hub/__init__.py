@@ -3,6 +3,7 @@
 from .adapters import AdapterError, LoraAdapter, LoraModule, load_adapter, save_adapter
 from .calibration import CalibrationPair, load_calibration
 from .config import NLSRConfig
+from .inmemory import realign_peft_model
 from .patcher import NLSRPatcher
 from .plan import ModuleDecision, RealignmentPlan
 from .reference import build_reference
@@ -28,6 +29,7 @@ __all__ = [
     "build_reference",
     "load_adapter",
     "load_calibration",
+    "realign_peft_model",
     "register_scorer",
     "save_adapter",
 ]

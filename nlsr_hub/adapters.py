@@ -22,6 +22,7 @@ import torch
 
 from .errors import AdapterError
 from .io import atomic_directory, atomic_write_bytes, atomic_write_text, check_readable_file, read_text_file
+from .variants import check_config_variant, check_tensor_key
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,6 @@ _KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>A|B)(?:\.(?P<adapter>[^.
 _LAYER_RE = re.compile(r"\.(\d+)\.")
 # the projections of a Llama-style block (Llama, Mistral, Qwen2, Gemma, SmolLM2 naming): the usual LoRA targets
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_UNSUPPORTED_KEYS = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
 
 def layer_index(module_name: str) -> int | None:
@@ -191,8 +191,7 @@ def _read_config(directory: Path) -> dict[str, Any]:
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise AdapterError(f"{directory} holds a {peft_type} adapter; nlsr-hub works on LoRA adapters only.")
-    if config.get("use_dora"):
-        raise AdapterError(f"{directory} is a DoRA adapter; its magnitude vectors are not supported yet.")
+    check_config_variant(config, str(directory))  # DoRA, lora_bias, ...: one error naming the variant
     return config
 
 
@@ -263,8 +262,7 @@ def _group_factors(directory: Path, tensors: Mapping[str, torch.Tensor]
     factors: dict[str, dict[str, torch.Tensor]] = {}
     extra: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
-        if any(marker in key for marker in _UNSUPPORTED_KEYS):
-            raise AdapterError(f"{directory}: tensor {key!r} is an embedding LoRA or DoRA part, not supported yet.")
+        check_tensor_key(key, str(directory))
         bare = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
         match = _KEY_RE.match(bare)
         if match is None:

@@ -126,12 +126,39 @@ def check_model_shapes(model: Any, adapter: LoraAdapter) -> None:
             )
 
 
+def is_peft_model(model: Any) -> bool:
+    """Whether `model` is a `peft.PeftModel` (the in-memory entry point passes one as the base)."""
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def copy_factors(peft_model: Any, adapter: LoraAdapter, adapter_name: str, *, trainable: bool = False) -> None:
+    """Write `adapter`'s exact factors and per-module scales into the adapter `adapter_name` of `peft_model` (already
+    created with `peft_config_object(adapter)`); only these factors require gradients when `trainable`."""
+    for name, module in adapter.modules.items():
+        layer = peft_model.base_model.model.get_submodule(name)
+        lora_A, lora_B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+        with torch.no_grad():
+            lora_A.copy_(module.A.to(lora_A.dtype))
+            lora_B.copy_(module.B.to(lora_B.dtype))
+        lora_A.requires_grad_(trainable)
+        lora_B.requires_grad_(trainable)
+        layer.scaling[adapter_name] = module.scale
+
+
 @contextlib.contextmanager
 def attached_adapter(model: Any, adapter: LoraAdapter, *, trainable: bool = False) -> Iterator[Any]:
     """Yield a `PeftModel` of `model` carrying `adapter` exactly; the adapter is unloaded on exit.
 
-    With ``trainable=True`` only the LoRA weights require gradients; the base model's flags are restored.
+    With ``trainable=True`` only the LoRA weights require gradients; the base model's flags are restored. A `model`
+    that is already a `PeftModel` gets `adapter` as one more adapter, active alone while inside (its own adapters are
+    untouched and active again on exit).
     """
+    if is_peft_model(model):
+        with _attached_beside(model, adapter, trainable=trainable) as peft_model:
+            yield peft_model
+        return
     from peft import PeftModel
 
     check_model_shapes(model, adapter)
@@ -139,18 +166,38 @@ def attached_adapter(model: Any, adapter: LoraAdapter, *, trainable: bool = Fals
     model.requires_grad_(False)
     peft_model = PeftModel(model, peft_config_object(adapter), adapter_name=ADAPTER_NAME)
     try:
-        for name, module in adapter.modules.items():
-            layer = peft_model.base_model.model.get_submodule(name)
-            lora_A, lora_B = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
-            with torch.no_grad():
-                lora_A.copy_(module.A.to(lora_A.dtype))
-                lora_B.copy_(module.B.to(lora_B.dtype))
-            lora_A.requires_grad_(trainable)
-            lora_B.requires_grad_(trainable)
-            layer.scaling[ADAPTER_NAME] = module.scale
+        copy_factors(peft_model, adapter, ADAPTER_NAME, trainable=trainable)
         peft_model.eval()
         yield peft_model
     finally:
         peft_model.unload()
         for name, param in model.named_parameters():
             param.requires_grad_(flags.get(name, param.requires_grad))
+
+
+@contextlib.contextmanager
+def _attached_beside(peft_model: Any, adapter: LoraAdapter, *, trainable: bool) -> Iterator[Any]:
+    """`attached_adapter` for a `PeftModel`: `adapter` added as ``nlsr_reference`` and made the only active adapter;
+    on exit it is deleted and the previous active adapters, gradient flags and train/eval mode come back."""
+    if ADAPTER_NAME in peft_model.peft_config:
+        raise ValueError(f"The PeftModel already has an adapter named {ADAPTER_NAME!r}; nlsr-hub uses that name for "
+                         "its calibration pass. Delete or rename it (`peft_model.delete_adapter`).")
+    check_model_shapes(peft_model.base_model.model, adapter)
+    active, training = list(peft_model.active_adapters), peft_model.training
+    flags = {name: p.requires_grad for name, p in peft_model.named_parameters()}
+    peft_model.add_adapter(ADAPTER_NAME, peft_config_object(adapter))
+    try:
+        peft_model.set_adapter(ADAPTER_NAME)
+        peft_model.requires_grad_(False)
+        copy_factors(peft_model, adapter, ADAPTER_NAME, trainable=trainable)
+        peft_model.eval()
+        yield peft_model
+    finally:
+        if len(active) == 1:
+            peft_model.set_adapter(active[0])
+        else:  # several (or no) active adapters: the tuner's own setter takes the list
+            peft_model.base_model.set_adapter(active)
+        peft_model.delete_adapter(ADAPTER_NAME)
+        for name, param in peft_model.named_parameters():
+            param.requires_grad_(flags.get(name, param.requires_grad))
+        peft_model.train(training)
