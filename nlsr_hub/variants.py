@@ -125,6 +125,8 @@ def check_peft_layer(layer: Any, adapter_name: str, source: str) -> None:
         if _looks_quantised(layer, base):
             raise AdapterError(f"{source} wraps a quantised layer ({kind}); nlsr-hub does not attach adapters to "
                                f"quantised layers in memory. Fix: {QUANTISED_FIX}.")
+        if isinstance(base, torch.nn.Embedding):
+            raise refusal(_EMBEDDING, source)
         raise refusal(Variant(f"non-linear-layer LoRA ({kind})", "only LoRA on nn.Linear layers is realigned",
                               "target linear layers only"), source)
 
