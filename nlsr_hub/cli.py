@@ -141,10 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="Folder for the realigned adapter; with several adapters, one subfolder each.")
     realign.add_argument("--dry-run", action="store_true", help="Print the plan; build no weights.")
     realign.add_argument("--plan-json", type=Path, help="Also write the plan to this JSON file (one adapter).")
-    realign.add_argument("--continue-on-error", action="store_true", help="Batch mode: go on past a failing adapter.")
+    realign.add_argument("--continue-on-error", action="store_true",
+                         help="Kept for old scripts: fleet mode always goes on past a failing adapter (its error row).")
     add_config_arguments(realign)
     _add_hub_arguments(realign)
     _add_push_arguments(realign)
+    from .fleet.command import add_fleet_arguments
+
+    add_fleet_arguments(realign)
 
     plan = command("plan", "Dry run: print the per-module plan, build no weights.", _cmd_plan)
     _add_input_arguments(plan, finetuned="one")
@@ -240,24 +244,19 @@ def _print_commit(info: Any) -> None:
 
 
 def _cmd_realign(args: argparse.Namespace) -> int:
-    from .batch import output_name, read_list_file, realign_batch, summary_table
+    from .batch import output_name
+    from .fleet.command import fleet_requested, run_fleet_command
     from .preflight import check_realign
 
-    specs = list(args.finetuned) + (read_list_file(args.finetuned_list) if args.finetuned_list else [])
+    if fleet_requested(args):  # several adapters, a list, a glob, a Hub listing or Ray
+        return run_fleet_command(args, lambda: _patcher(args, None))
+    specs = list(args.finetuned)
     if not specs:
-        raise ValueError("Pass `--finetuned` (one or more adapters) or `--finetuned-list FILE`.")
+        raise ValueError("Pass `--finetuned` (one or more adapters), `--finetuned-list FILE`, `--finetuned-glob "
+                         "PATTERN` or `--finetuned-hub ORG[/PREFIX]`.")
     if args.output is None and not args.dry_run and not args.push_to_hub:
         raise ValueError("`--output` is required (or pass `--dry-run` to print the plan only).")
     check_realign(args, specs, [output_name(spec) for spec in specs])  # before any download or forward pass
-    if len(specs) > 1:
-        if args.push_to_hub or args.plan_json:
-            raise ValueError("`--push-to-hub` and `--plan-json` take one adapter; push batch results with `nlsr push`.")
-        patcher = _patcher(args, None)
-        items = realign_batch(patcher, specs, output_dir=args.output, calibration=args.calibration,
-                              dry_run=args.dry_run, hub_kwargs=_hub_kwargs(args), allow_pickle=args.allow_pickle,
-                              continue_on_error=args.continue_on_error)
-        print(summary_table(items))
-        return 1 if any(item.error for item in items) else 0
     result = _patcher(args, specs[0]).realign(calibration=args.calibration, dry_run=args.dry_run)
     print(result.plan.table())
     if args.output is not None and not args.dry_run:

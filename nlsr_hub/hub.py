@@ -221,3 +221,29 @@ class PushToHubMixin:
             lambda folder: self._write_for_hub(folder, repo_id, card), repo_id, private=private, token=token,
             revision=revision, create_pr=create_pr, commit_message=commit_message or self._commit_message,
         )
+
+
+def list_adapter_repos(prefix: str, *, token: str | bool | None = None) -> list[str]:
+    """The model repos that hold a PEFT adapter (``adapter_config.json`` at the root) and whose id starts with
+    `prefix`: ``"org"`` lists every repo of the user or organisation ``org``, ``"org/task-"`` those whose name starts
+    with ``task-``. Sorted; private repos are listed when `token` can read them. A `ValueError` names the problem
+    (an invalid prefix, a refused token, a failed request)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    owner, _, name_prefix = prefix.strip().partition("/")
+    if not owner or "/" in name_prefix or any(c.isspace() for c in prefix.strip()):
+        raise ValueError(f"Hub listing {prefix!r} is not 'org' or 'org/name-prefix'; write e.g. 'my-org' or "
+                         "'my-org/customer-'.")
+    try:
+        models = list(HfApi(token=token).list_models(author=owner, search=name_prefix or None, expand=["siblings"]))
+    except HfHubHTTPError as err:
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise ValueError(f"The Hub refused to list the repos of {owner!r} ({status}): pass a valid `token`."
+                             ) from None
+        raise ValueError(f"Listing the repos of {owner!r} failed ({status}): {_one_line(err)}") from None
+    wanted = f"{owner}/{name_prefix}"
+    found = [m.id for m in models
+             if m.id.startswith(wanted) and any(s.rfilename == ADAPTER_FILES[0] for s in (m.siblings or []))]
+    return sorted(set(found))

@@ -12,7 +12,8 @@ snapshot ``{path: Blob}``; branches and pull-request refs (``refs/pr/N``) point 
 with an "initial commit" holding ``.gitattributes``, as on the Hub. LFS objects live in one server-wide store
 keyed by sha256; a commit can only reference one that was uploaded.
 
-Routes (table ``_ROUTES``): whoami, validate-yaml, repo create / info / tree / paths-info / refs / commits,
+Routes (table ``_ROUTES``): whoami, validate-yaml, model listing (author, search, paged), repo create / info / tree /
+paths-info / refs / commits,
 branch create and delete, preupload, NDJSON commit (``?create_pr=1`` opens ``refs/pr/N``), the LFS batch API
 (basic transfer, upload and verify URLs on this server), HEAD/GET ``resolve`` with ``Range``, and discussions:
 list (paginated, filtered by type, status and author), create (a discussion, or a draft pull request on
@@ -50,7 +51,7 @@ from functools import cached_property
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from unittest import mock
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 DEFAULT_USER = "tester"
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".onnx", ".msgpack", ".gguf", ".npy",
@@ -185,6 +186,7 @@ class HubServer:
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
         self._connections: set[socket.socket] = set()
+        self.listing_page_size = 1000  # repos per page of GET /api/models (the client follows the Link header)
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     @property
@@ -365,6 +367,7 @@ _GIT = r"/(?:(?P<kind>datasets|spaces)/)?" + _REPO
 # (methods, route name, pattern matched on the still percent-encoded path, needs a token)
 _ROUTES = [(methods.split(), name, re.compile(pattern), write) for methods, name, pattern, write in [
     ("GET", "whoami", r"/api/whoami-v2", False),
+    ("GET", "list_models", r"/api/models", False),
     ("POST", "validate_yaml", r"/api/validate-yaml", False),
     ("POST", "create_repo", r"/api/repos/create", True),
     ("GET", "info", _API + rf"(?:/revision/{_REV})?", False),
@@ -494,6 +497,23 @@ class _Handler(BaseHTTPRequestHandler):
             return found, found.resolve(rev)
 
     # -- routes --------------------------------------------------------------------------------------------
+    def _r_list_models(self, query: dict, token: str | None, **_: Any) -> None:
+        """Model repos by ``author`` (the namespace) and ``search`` (a case-insensitive substring of the id), sorted,
+        with ``sha`` and ``siblings``; private ones only for a token. Paged by ``cursor`` with a ``Link`` header."""
+        author, search = query.get("author", [None])[0], query.get("search", [""])[0].lower()
+        start, size = int(query.get("cursor", ["0"])[0]), self.hub.listing_page_size
+        with self.hub.lock:
+            repos = sorted((r for (kind, _), r in self.hub.repos.items() if kind == "model"), key=lambda r: r.repo_id)
+            found = [{"id": r.repo_id, "_id": f"id-{r.repo_id}", "private": r.private, "sha": r.refs["main"],
+                      "siblings": [{"rfilename": path} for path in sorted(r.commits[r.refs["main"]].files)]}
+                     for r in repos if author in (None, r.repo_id.split("/")[0]) and search in r.repo_id.lower()
+                     and (token is not None or not r.private)]
+        headers = {}
+        if start + size < len(found):
+            params = urlencode([(k, v) for k, values in sorted(query.items()) if k != "cursor" for v in values])
+            headers["Link"] = f'<{self.hub.url}/api/models?{params}&cursor={start + size}>; rel="next"'
+        self._json(found[start:start + size], headers=headers)
+
     def _r_whoami(self, token: str | None, **_: Any) -> None:
         if token is None:
             raise HubError(401, "Authorization header is required for this route")

@@ -405,12 +405,12 @@ def test_batch_cli_with_arguments_and_list_file(hub, run, patch_dir, tmp_path, c
     rc, stdout, _ = cli(capsys, "realign", "--safety-patch", patch_dir, "--finetuned", f"{FT}@v2", f"{FT}:sub",
                         "--output", out, "--cache-dir", tmp_path / "cache", "--token", TOKEN)
     assert rc == 0
-    assert sorted(p.name for p in out.iterdir()) == ["finetuned-sub", "finetuned-v2"]
+    assert sorted(p.name for p in out.iterdir()) == ["finetuned-sub", "finetuned-v2", "summary.json", "summary.md"]
     for name in ("finetuned-v2", "finetuned-sub"):
         assert {p.name for p in (out / name).iterdir()} == RESULT_FILES
         assert_same_adapter(load_adapter(out / name), run.result.adapter)  # same weights as the direct run
     lines = stdout.strip().splitlines()
-    assert lines[0].startswith("fine-tuned adapter") and lines[-1] == "2 realigned, 0 failed"
+    assert lines[0].startswith("fine-tuned adapter") and "2 realigned, 0 up to date, 0 failed" in lines
     assert any(line.startswith(f"{FT}@v2 ") and str(out / "finetuned-v2") in line for line in lines)
     assert any(line.startswith(f"{FT}:sub ") and str(out / "finetuned-sub") in line for line in lines)
     plan = json.loads((out / "finetuned-v2" / "nlsr_plan.json").read_text())
@@ -424,8 +424,8 @@ def test_batch_cli_with_arguments_and_list_file(hub, run, patch_dir, tmp_path, c
     rc, stdout, _ = cli(capsys, "realign", "--safety-patch", "org/patch-batch", "--finetuned-list", listing,
                         "--output", out2, "--cache-dir", tmp_path / "cache")
     assert rc == 0
-    assert sorted(p.name for p in out2.iterdir()) == ["finetuned", "finetuned-v2"]
-    assert stdout.strip().splitlines()[-1] == "2 realigned, 0 failed"
+    assert sorted(p.name for p in out2.iterdir()) == ["finetuned", "finetuned-v2", "summary.json", "summary.md"]
+    assert "2 realigned, 0 up to date, 0 failed" in stdout.strip().splitlines()
     assert_same_adapter(load_adapter(out2 / "finetuned-v2"), run.result.adapter)
 
 
