@@ -139,12 +139,23 @@ def copy_factors(peft_model: Any, adapter: LoraAdapter, adapter_name: str, *, tr
     for name, module in adapter.modules.items():
         layer = peft_model.base_model.model.get_submodule(name)
         lora_A, lora_B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+        if lora_A.is_meta or lora_B.is_meta:  # a base offloaded by accelerate: the small factors stay materialised
+            device = _execution_device(layer)
+            layer.lora_A[adapter_name].weight = lora_A = torch.nn.Parameter(module.A.to(device, lora_A.dtype))
+            layer.lora_B[adapter_name].weight = lora_B = torch.nn.Parameter(module.B.to(device, lora_B.dtype))
         with torch.no_grad():
             lora_A.copy_(module.A.to(lora_A.dtype))
             lora_B.copy_(module.B.to(lora_B.dtype))
         lora_A.requires_grad_(trainable)
         lora_B.requires_grad_(trainable)
         layer.scaling[adapter_name] = module.scale
+
+
+def _execution_device(layer: Any) -> torch.device:
+    """Where accelerate runs an offloaded layer (its hook's execution device), cpu when it has no hook."""
+    hook = getattr(layer.get_base_layer(), "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    return torch.device("cpu") if device is None else torch.device(device)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from .calibration import fingerprint, load_calibration
 from .config import NLSRConfig
 from .hub import MODEL_PATTERNS, PATCH_FILES, ResolvedInput, resolve
 from .modeling import check_device, load_base_model, resolve_dtype
+from .offload import load_offloaded, parse_max_memory, use_offload
 from .patch import check_compatible_modules
 from .plan import RealignmentPlan
 from .reference import build_reference
@@ -20,6 +21,7 @@ from .result import RealignmentResult
 from .safety_patch import SafetyPatch, build_safety_patch
 from .scoring import get_scorer
 from .statistics import check_finite_statistics, collect_statistics
+from .variants import check_unquantised_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +74,8 @@ class NLSRPatcher:
         dtype: str | None = None,
         device: str | None = None,
         strict_base: bool = True,
+        max_memory: str | Mapping[Any, Any] | None = None,
+        offload_folder: str | Path | None = None,
     ) -> None:
         if aligned is None and reference is None and safety_patch is None:
             raise ValueError("Pass `aligned` (to build the EXPO reference), `reference` or `safety_patch`.")
@@ -94,6 +98,7 @@ class NLSRPatcher:
         self.inputs: dict[str, Any] = dict(inputs or {})
         self._hub_kwargs = dict(hub_kwargs or {})
         self._dtype, self._device = dtype, device
+        self._max_memory, self._offload_folder = parse_max_memory(max_memory), offload_folder  # checked before loading
         if strict_base:
             check_same_base({r: a for r, a in (("aligned", aligned), ("weak", weak), ("reference", reference),
                                                ("finetuned", finetuned)) if a is not None})
@@ -122,6 +127,8 @@ class NLSRPatcher:
         dtype: str | None = None,
         device: str | None = None,
         strict_base: bool = True,
+        max_memory: str | Mapping[Any, Any] | None = None,
+        offload_folder: str | Path | None = None,
     ) -> NLSRPatcher:
         """Resolve every input (local folder, ``org/name``, ``org/name@revision``, ``org/name:subfolder``)
         and read the adapters. The base model is loaded later, only if a calibration pass is needed.
@@ -138,6 +145,9 @@ class NLSRPatcher:
             revision, token, cache_dir, local_files_only, force_download: Hub options, as in huggingface_hub;
                 ``@revision`` in a reference wins over `revision`.
             allow_pickle: accept pickled ``adapter_model.bin`` weights (off by default).
+            max_memory, offload_folder: load the base for the calibration pass with accelerate's
+                ``device_map="auto"`` and CPU/disk offload (``{0: "20GiB", "cpu": "60GiB"}``; see `nlsr_hub.offload`);
+                without them offload is used only when the base does not fit the device.
         """
         hub = {"revision": revision, "token": token, "cache_dir": cache_dir, "local_files_only": local_files_only,
                "force_download": force_download}
@@ -162,7 +172,7 @@ class NLSRPatcher:
             finetuned=adapters["finetuned"], base=base, aligned=adapters["aligned"], reference=adapters["reference"],
             weak=adapters["weak"], safety_patch=patch, config=config, inputs=inputs,
             hub_kwargs={k: v for k, v in hub.items() if k != "force_download"}, dtype=dtype, device=device,
-            strict_base=strict_base,
+            strict_base=strict_base, max_memory=max_memory, offload_folder=offload_folder,
         )
 
     def _load_model(self) -> tuple[Any, Any]:
@@ -174,8 +184,13 @@ class NLSRPatcher:
             resolved: ResolvedInput = resolve(self._base, files=(), patterns=MODEL_PATTERNS, **self._hub_kwargs)
             self.inputs["base"] = resolved.lineage()
             kwargs = {"local_files_only": True} if resolved.repo_id else {}
-            self._model, tokenizer = load_base_model(str(resolved.local_path), dtype=self._dtype,
-                                                     device=self._device, **kwargs)
+            path = resolved.local_path
+            check_unquantised_checkpoint(path)
+            if use_offload(path, dtype=self._dtype, device=self._device, max_memory=self._max_memory):
+                self._model, tokenizer = load_offloaded(path, dtype=self._dtype, max_memory=self._max_memory,
+                                                        offload_folder=self._offload_folder, **kwargs)
+            else:
+                self._model, tokenizer = load_base_model(str(path), dtype=self._dtype, device=self._device, **kwargs)
             self._tokenizer = self._tokenizer or tokenizer
         if self._tokenizer is None:
             raise ValueError("A base model object was passed without its tokenizer: pass `tokenizer` too.")

@@ -20,6 +20,7 @@ from .adapters import LoraAdapter, block_order, layer_index
 from .calibration import CalibrationPair, encode_pairs, encode_preference_pairs, iter_batches
 from .hooks import StatsRecorder, lora_layer
 from .modeling import ADAPTER_NAME, attached_adapter
+from .offload import input_device
 from .scoring import ModuleStats, low_rank_projection
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def collect_statistics(
     if not needs:
         return {}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
+    device = input_device(model)  # an accelerate-dispatched base may hold its first weights on disk (meta)
     preference = "preference_gradients" in needs
     if preference:  # both sides of a pair are kept or dropped together, so the batches pair up by position
         chosen, rejected = encode_preference_pairs(tokenizer, pairs, max_length)
