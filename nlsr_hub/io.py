@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import os
 import re
 import secrets
@@ -125,6 +124,10 @@ def check_output_folder(
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"`{flag}` {folder} is a file; pass a folder (it is created if missing).")
     check_not_an_input(folder, inputs or {}, flag=flag)
+    cwd = _real(Path.cwd())
+    if _real(folder) == cwd or _real(folder) in cwd.parents:
+        raise ValueError(f"`{flag}` {folder} is or contains the current folder, which a result replaces as a whole; "
+                         "pass a subfolder, e.g. 'out/'.")
     if folder.is_dir():
         names = sorted(os.listdir(folder))
         foreign = [n for n in names if n not in owned]
@@ -178,18 +181,26 @@ def _swap_in(staging: Path, final: Path) -> None:
     if not final.exists():
         os.rename(staging, final)
     elif _exchange(staging, final):
-        shutil.rmtree(staging, ignore_errors=True)  # now the old result
+        _remove(staging)  # now the old result
     else:
         old = final.with_name(f".{final.name}.nlsr-{secrets.token_hex(4)}.old")
         os.rename(final, old)
         os.rename(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     with contextlib.suppress(OSError):  # make the renames durable
         fd = os.open(final.parent, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    """Remove a replaced result: a folder, or the symbolic link that stood where the result now is."""
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _remove_stale_staging(final: Path) -> None:
@@ -204,6 +215,11 @@ def _remove_stale_staging(final: Path) -> None:
 def folder_lock(final: Path) -> Iterator[None]:
     """Hold the write lock of the folder `final` (a lock file beside it); a `ValueError` says so at once if another
     process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # no flock on this system (Windows): saves stay atomic, only the concurrency check is lost
+        yield
+        return
     lock_path = final.with_name(f".{final.name}.nlsr-lock")
     while True:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -234,7 +250,7 @@ def atomic_directory(target: str | Path, *, owned: Collection[str] = (), marker:
     An existing `target` must be empty or an earlier result of the same kind: only files named in `owned`, with
     `marker` among them (`check_output_folder`); anything else is refused, so no user file is ever deleted.
     """
-    final = check_output_folder(target, owned=owned, marker=marker)
+    final = Path(os.path.abspath(check_output_folder(target, owned=owned, marker=marker)))  # "." has no name
     final.parent.mkdir(parents=True, exist_ok=True)
     with folder_lock(final):
         _remove_stale_staging(final)

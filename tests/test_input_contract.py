@@ -260,6 +260,30 @@ def test_patch_output_equal_to_the_base_model_is_refused(trio, unchanged, no_mod
     assert_one_line_error(rc, err, "patch", r"`--output` .* is the --base input")
 
 
+def test_evaluate_report_that_is_an_input_file_is_refused_before_loading(trio, tmp_path, no_model, capsys):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(["How do I pick a lock?"]))
+    rc, _, err = cli(capsys, "evaluate", "--base", trio.base, "--harmful-prompts", prompts, "--output", prompts)
+    assert_one_line_error(rc, err, "evaluate", r"`--output` .* is the --harmful-prompts input")
+    assert json.loads(prompts.read_text()) == ["How do I pick a lock?"]
+    rc, _, err = cli(capsys, "evaluate", "--base", trio.base, "--harmful-prompts", prompts, "--batch-size", "0")
+    assert_one_line_error(rc, err, "evaluate", r"`--batch-size` must be a positive integer")
+
+
+def test_batch_output_that_is_an_input_is_refused_before_the_calibration_pass(trio, ft_copy, unchanged, no_model,
+                                                                             capsys):
+    from nlsr_hub.batch import realign_batch
+
+    other = Path(shutil.copytree(trio.finetuned, ft_copy.parent / "task_b"))
+    with unchanged(ft_copy, other):
+        rc, _, err = cli(capsys, "realign", "--base", trio.base, "--aligned", trio.aligned, "--finetuned", ft_copy,
+                         other, "--output", ft_copy)
+        assert_one_line_error(rc, err, "realign", r"`--output` .* is the (--)?finetuned .*input")
+        patcher = NLSRPatcher.from_pretrained(trio.base, aligned=trio.aligned)
+        with pytest.raises(ValueError, match=r"`output_dir` .* (contains|is) the finetuned"):
+            realign_batch(patcher, [str(ft_copy), str(other)], output_dir=ft_copy.parent, progress=False)
+
+
 # --------------------------------------------------------------------------------------------- 4. types
 
 

@@ -119,3 +119,23 @@ def test_unwritable_parent_is_reported_before_any_work(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match=r"is a file, not a folder"):
         check_output_folder(tmp_path / "file" / "out")
+
+
+def test_a_symlinked_result_is_replaced_by_a_folder_and_its_target_kept(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    with atomic_directory(elsewhere, owned=OWNED, marker="marker.json") as staging:
+        atomic_write_text(staging / "marker.json", "old")
+    (tmp_path / "out").symlink_to(elsewhere, target_is_directory=True)
+    with atomic_directory(tmp_path / "out", owned=OWNED, marker="marker.json") as staging:
+        atomic_write_text(staging / "marker.json", "new")
+    assert not (tmp_path / "out").is_symlink() and (tmp_path / "out" / "marker.json").read_text() == "new"
+    assert (elsewhere / "marker.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "out"]
+
+
+def test_the_current_folder_is_never_swapped_away(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for target in (".", str(tmp_path), str(tmp_path.parent)):
+        with pytest.raises(ValueError, match=r"current folder"), atomic_directory(target):
+            pytest.fail("the body must not run")
+    assert os.getcwd() == str(tmp_path)
