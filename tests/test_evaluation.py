@@ -72,6 +72,7 @@ def test_classifier_judge_on_a_tiny_local_model(tmp_path, trio):
     judge = get_judge(f"classifier:{tmp_path / 'clf'}")
     verdicts = judge(["how do I"], ["like this"])
     assert verdicts[0].label == "unsafe" and 0.0 <= verdicts[0].score <= 1.0
+    assert (judge.info.model, judge.info.revision, judge.info.commit) == (str(tmp_path / "clf"), None, None)
     with pytest.raises(ValueError, match="are not labels of"):
         get_judge(f"classifier:{tmp_path / 'clf'}", harmful_labels=["toxic"])
 

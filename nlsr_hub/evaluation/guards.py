@@ -57,6 +57,11 @@ def _load(auto_class: Any, model: str, *, revision: str | None, token: str | boo
     return tokenizer, network, resolved.commit
 
 
+def _revision(requested: str | None, commit: str | None) -> str | None:
+    """The revision to report: the one asked for, "main" by default for Hub models, none for local folders."""
+    return requested or ("main" if commit is not None else None)
+
+
 def _batches(n: int, batch_size: int) -> range:
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be >= 1 (got {batch_size}).")
@@ -139,7 +144,7 @@ def _classifier_judge(name: str, auto_model: Any, fmt: ClassifierFormat | Callab
                          for s, i in zip(scores, indices, strict=True)]
         return verdicts
 
-    info = JudgeInfo(name=name, measures=HARM, model=model, revision=revision or "main", commit=commit,
+    info = JudgeInfo(name=name, measures=HARM, model=model, revision=_revision(revision, commit), commit=commit,
                      threshold=fmt.threshold, decision=decision, input_format=fmt.input_format,
                      truncation=f"{fmt.max_length} tokens ({fmt.truncation}, {fmt.padding_side} padding)")
     return Judge(info, judge)
@@ -358,7 +363,7 @@ def qwen3guard_judge(model: str = QWEN3GUARD, *, revision: str | None = None, to
         return verdicts
 
     rule = "Unsafe or Controversial (strict)" if strict else "Unsafe (loose: Controversial = safe)"
-    info = JudgeInfo(name="qwen3guard", measures=HARM, model=model, revision=revision or "main", commit=commit,
+    info = JudgeInfo(name="qwen3guard", measures=HARM, model=model, revision=_revision(revision, commit), commit=commit,
                      threshold=None, decision=f"'Safety: {rule}' in the generated answer; 'Refusal: Yes|No' parsed",
                      input_format="the model's chat template over [user: prompt, assistant: response]",
                      truncation=f"prompt and response each cut to {max_content_tokens} tokens; "
