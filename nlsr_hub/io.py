@@ -23,6 +23,8 @@ import zipfile
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 
+from .errors import MissingFileError, UnreadableFileError
+
 _STAGING_SUFFIXES = ("partial", "old")
 
 
@@ -52,17 +54,17 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def check_readable_file(path: str | Path, what: str) -> Path:
-    """`path` as a `Path` if it is a file this process can open; otherwise an error naming `what` and the fix
-    (`FileNotFoundError` when absent, `ValueError` for a folder, `PermissionError` when it cannot be read)."""
+    """`path` as a `Path` if it is a file this process can open; otherwise a `ValueError` naming `what` and the fix
+    (`MissingFileError` when absent, `UnreadableFileError` when it cannot be read; both are also `OSError`s)."""
     file = Path(path)
     if file.is_dir():
         raise ValueError(f"{what} {file} is a folder; pass the file itself.")
     if not file.exists():
-        raise FileNotFoundError(f"{what} {file} does not exist; check the path.")
+        raise MissingFileError(f"{what} {file} does not exist; check the path.")
     try:
         os.close(os.open(file, os.O_RDONLY))
     except PermissionError:
-        raise PermissionError(f"{what} {file} cannot be read (permission denied); fix its permissions.") from None
+        raise UnreadableFileError(f"{what} {file} cannot be read (permission denied); fix its permissions.") from None
     return file
 
 

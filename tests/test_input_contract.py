@@ -636,6 +636,15 @@ def test_an_unreadable_file_is_reported_as_unreadable_not_corrupt(ft_copy, monke
     with pytest.raises(PermissionError, match=r"cannot be read \(permission denied\)") as info:
         load_adapter(ft_copy)
     assert "corrupt" not in str(info.value)
+    assert isinstance(info.value, ValueError)  # like every bad input; still a PermissionError for old callers
+
+
+def test_a_missing_input_file_is_a_value_error_too(tmp_path):
+    from nlsr_hub import load_calibration
+
+    with pytest.raises(ValueError, match=r"does not exist") as info:
+        load_calibration(tmp_path / "nope.jsonl")
+    assert isinstance(info.value, FileNotFoundError)
 
 
 # --------------------------------------------------------------------------------------------- weak: huge prompt
