@@ -114,11 +114,7 @@ def resolve(
         if status in (401, 403):
             raise ValueError(f"The Hub refused access to {ref.repo_id} ({status}): pass a valid `token`.") from None
         raise ValueError(f"Downloading {where} failed: {err}") from None
-    local = snapshot / ref.subfolder if ref.subfolder else snapshot
-    real_snapshot, real_local = Path(os.path.realpath(snapshot)), Path(os.path.realpath(local))
-    if real_local != real_snapshot and real_snapshot not in real_local.parents:
-        raise ValueError(f"The subfolder {ref.subfolder!r} of {ref.spec!r} leads outside the downloaded repository; "
-                         "write a folder inside the repo.")
+    local = _inside_snapshot(snapshot, ref)
     missing = [f for f in files if not (local / f).is_file()]
     if missing and patterns is None:
         raise AdapterError(
@@ -127,6 +123,17 @@ def resolve(
         )
     return ResolvedInput(spec=ref.spec, local_path=local, repo_id=ref.repo_id, revision=ref.revision,
                          commit=snapshot.name, subfolder=ref.subfolder)
+
+
+def _inside_snapshot(snapshot: Path, ref: InputRef) -> Path:
+    """The folder of `ref`'s subfolder in `snapshot`; a `ValueError` if it resolves to anywhere outside it (the
+    parser already refuses ``..``: this also holds against links)."""
+    local = snapshot / ref.subfolder if ref.subfolder else snapshot
+    real_snapshot, real_local = Path(os.path.realpath(snapshot)), Path(os.path.realpath(local))
+    if real_local != real_snapshot and real_snapshot not in real_local.parents:
+        raise ValueError(f"The subfolder {ref.subfolder!r} of {ref.spec!r} leads outside the downloaded repository; "
+                         "write a folder inside the repo.")
+    return local
 
 
 def existing_card(repo_id: str, *, token: str | bool | None = None, revision: str | None = None) -> Any | None:

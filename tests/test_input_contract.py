@@ -224,6 +224,19 @@ def test_a_cached_repo_cannot_serve_a_local_folder_through_its_subfolder(tmp_pat
         resolve(f"org/name:{escape}", cache_dir=tmp_path, local_files_only=True)
 
 
+def test_a_subfolder_linking_out_of_the_snapshot_is_refused(tmp_path, trio):
+    """Second line of defence: a subfolder that is a link inside the cached snapshot may not lead outside it."""
+    from nlsr_hub.hub import resolve
+
+    snapshot = tmp_path / "models--org--name" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (tmp_path / "models--org--name" / "refs").mkdir()
+    (tmp_path / "models--org--name" / "refs" / "main").write_text("0" * 40)
+    (snapshot / "sub").symlink_to(trio.finetuned, target_is_directory=True)
+    with pytest.raises(ValueError, match=r"leads outside the downloaded repository"):
+        resolve("org/name:sub", cache_dir=tmp_path, local_files_only=True)
+
+
 # --------------------------------------------------------------------------------------------- 3. output vs inputs
 
 
