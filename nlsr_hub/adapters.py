@@ -174,7 +174,21 @@ def check_adapter_config(config: Any, path: Path) -> dict[str, Any]:
     for key in ("peft_type", "base_model_name_or_path"):
         if config.get(key) is not None and not isinstance(config[key], str):
             raise _config_error(path, key, "a string", config[key])
+    for key, value in config.items():
+        if not _all_finite(value):
+            raise _config_error(path, key, "free of NaN and infinity (they are not valid JSON)", value)
     return config
+
+
+def _all_finite(value: Any) -> bool:
+    """False if a float anywhere inside `value` (lists and objects included) is NaN or infinite."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_all_finite(v) for v in value)
+    return True
 
 
 def _read_config(directory: Path) -> dict[str, Any]:
@@ -364,7 +378,12 @@ def write_adapter_files(adapter: LoraAdapter, folder: Path) -> None:
     check_finite(adapter, "the adapter to save")
     state = adapter_state_dict(adapter)
     atomic_write_bytes(folder / WEIGHTS_NAME, save(dict(sorted(state.items())), metadata={"format": "pt"}))
-    atomic_write_text(folder / CONFIG_NAME, json.dumps(adapter_config_for(adapter), indent=2) + "\n")
+    try:
+        config_text = json.dumps(adapter_config_for(adapter), indent=2, allow_nan=False)
+    except ValueError:
+        raise AdapterError("The adapter's config holds NaN or infinity, which is not valid JSON; fix the source "
+                           f"`{CONFIG_NAME}`.") from None
+    atomic_write_text(folder / CONFIG_NAME, config_text + "\n")
 
 
 def save_adapter(adapter: LoraAdapter, path: str | Path) -> Path:

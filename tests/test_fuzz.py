@@ -93,6 +93,10 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
     return rc, err
 
 
+def _not_json(token: str) -> None:
+    pytest.fail(f"a result file holds {token}, which is not JSON")
+
+
 def assert_whole_result_or_nothing(rc: int, output: Path) -> None:
     """After exit 0 the output is a complete, loadable result; after an error there is none, and no staging."""
     leftovers = [p.name for p in output.parent.iterdir() if p.name.startswith(f".{output.name}.")]
@@ -101,6 +105,8 @@ def assert_whole_result_or_nothing(rc: int, output: Path) -> None:
         assert not output.exists()
         return
     assert sorted(p.name for p in output.iterdir()) == sorted(RESULT_FILES)
+    for name in ("adapter_config.json", "nlsr_plan.json", "nlsr_config.json"):  # strict JSON: no NaN / Infinity
+        json.loads((output / name).read_text(), parse_constant=_not_json)
     adapter = load_adapter(output)
     plan = RealignmentPlan.load(output / "nlsr_plan.json")
     assert {m.name for m in plan.modules} == set(adapter.modules)

@@ -358,7 +358,8 @@ def test_patch_json_with_a_wrong_top_level_is_a_one_line_error(trio, patch_copy,
     ('{"r": "8", "lora_alpha": 16}', r"`r` must be a positive integer"),
     ('{"r": 8, "lora_alpha": 16, "use_rslora": "yes"}', r"`use_rslora` must be true or false"),
     ('{"r": 8, "lora_alpha": 16, "rank_pattern": {"(": 4}}', r"`rank_pattern` must be"),
-], ids=["list", "alpha-zero", "alpha-string", "r-string", "rslora-string", "bad-regex"])
+    ('{"r": 8, "lora_alpha": 16, "lora_dropout": NaN}', r"`lora_dropout` must be free of NaN"),
+], ids=["list", "alpha-zero", "alpha-string", "r-string", "rslora-string", "bad-regex", "nan-passthrough"])
 def test_damaged_adapter_config_is_a_one_line_error_before_the_calibration_pass(trio, ft_copy, unchanged, no_model,
                                                                                 capsys, content, pattern):
     (ft_copy / "adapter_config.json").write_text(content)
