@@ -3,6 +3,7 @@
 from .adapters import AdapterError, LoraAdapter, LoraModule, load_adapter, save_adapter
 from .calibration import CalibrationPair, load_calibration
 from .config import NLSRConfig
+from .fullft import FullFinetuneResult, realign_full_finetune
 from .inmemory import realign_peft_model
 from .patcher import NLSRPatcher
 from .plan import ModuleDecision, RealignmentPlan
@@ -17,6 +18,7 @@ __all__ = [
     "SCORERS",
     "AdapterError",
     "CalibrationPair",
+    "FullFinetuneResult",
     "LoraAdapter",
     "LoraModule",
     "ModuleDecision",
@@ -29,6 +31,7 @@ __all__ = [
     "build_reference",
     "load_adapter",
     "load_calibration",
+    "realign_full_finetune",
     "realign_peft_model",
     "register_scorer",
     "save_adapter",

@@ -33,11 +33,12 @@ from . import RestoreInputs, register_restorer
 def dense_mask(reference: LoraModule, input_norm: torch.Tensor, sparsity_ratio: float, granularity: str
                ) -> torch.Tensor:
     """The safety-critical mask: (d_out × d_in) bool at element granularity, (d_out,) rows at row granularity."""
-    return _mask(reference.delta(), input_norm, sparsity_ratio, granularity)
+    return update_mask(reference.delta(), input_norm, sparsity_ratio, granularity)
 
 
-def _mask(delta_e: torch.Tensor, input_norm: torch.Tensor, sparsity_ratio: float, granularity: str) -> torch.Tensor:
-    """`dense_mask` from the reference's dense update: top ``1 − P_SR`` of ``|ΔW_e| ⊙ ‖x_j‖``."""
+def update_mask(delta_e: torch.Tensor, input_norm: torch.Tensor, sparsity_ratio: float, granularity: str
+                ) -> torch.Tensor:
+    """The safety-critical mask from the reference's dense update: top ``1 − P_SR`` of ``|ΔW_e| ⊙ ‖x_j‖``."""
     scores = delta_e.abs() * input_norm.to(torch.float32).reshape(1, -1)
     keep = 1.0 - sparsity_ratio
     if granularity == "row":
@@ -51,10 +52,11 @@ def _expand(mask: torch.Tensor) -> torch.Tensor:
 
 def masked_cosine(reference: LoraModule, finetuned: LoraModule, mask: torch.Tensor) -> float:
     """``cos_F(M⊙ΔW_e, M⊙ΔW_t)`` in float64 (1 when both masked updates are zero, 0 when one is)."""
-    return _cosine(reference.delta(), finetuned.delta(), mask)
+    return update_cosine(reference.delta(), finetuned.delta(), mask)
 
 
-def _cosine(delta_e: torch.Tensor, delta_t: torch.Tensor, mask: torch.Tensor) -> float:
+def update_cosine(delta_e: torch.Tensor, delta_t: torch.Tensor, mask: torch.Tensor) -> float:
+    """`masked_cosine` of two dense updates (row masks broadcast over the columns)."""
     m = _expand(mask).to(torch.float64)
     e, t = delta_e.to(torch.float64) * m, delta_t.to(torch.float64) * m
     ne, nt = float(e.norm()), float(t.norm())
@@ -101,9 +103,9 @@ def _restore_dense(inputs: RestoreInputs, config: NLSRConfig, build: bool, opera
     for name in sorted(target.modules):  # one reference update per module in memory at a time
         reference = patch.reference.modules[name]
         delta_e = reference.delta()
-        mask = _mask(delta_e, patch.input_norms[name], config.sparsity_ratio, granularity)
+        mask = update_mask(delta_e, patch.input_norms[name], config.sparsity_ratio, granularity)
         with naming_module(name):
-            sims[name] = _cosine(delta_e, target.modules[name].delta(), mask)
+            sims[name] = update_cosine(delta_e, target.modules[name].delta(), mask)
         counts[name] = _mask_counts(mask, reference.shape)
         if mask.ndim == 1:  # row masks are d_out bools: kept for the build; element masks are recomputed there
             rows[name] = mask
