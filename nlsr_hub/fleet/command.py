@@ -20,7 +20,8 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
     """The fleet flags of ``nlsr realign`` (the inputs, push and Hub flags are shared with single mode)."""
     parser.epilog = (parser.epilog or "") + "\n" + EXAMPLE
     group = parser.add_argument_group(
-        "fleet mode (several adapters: DIR/<name>/ each, or pushed; DIR/summary.json and summary.md)")
+        "fleet mode (several adapters: DIR/<name>/ each, or pushed with --push-to-hub 'org/{name}-nlsr'; "
+        "DIR/summary.json and summary.md)")
     group.add_argument("--finetuned-glob", action="append", default=[], metavar="PATTERN",
                        help="Local folders matching this glob (quote it), e.g. 'adapters/*'; repeatable.")
     group.add_argument("--finetuned-hub", action="append", default=[], metavar="ORG[/PREFIX]",

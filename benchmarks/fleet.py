@@ -1,0 +1,221 @@
+"""Fleet benchmark (issue 14): prints, in one run,
+
+(1) adapters per minute of `nlsr realign` fleet mode, sequential vs Ray on this machine's cores (target: Ray >= 1.7x
+    on 2 cores), over a fleet of Llama-3-8B-shaped adapters (224 modules, rank 16 by default), same bytes checked;
+(2) the per-adapter cost of fleet mode for Llama-3-8B-shaped adapters at rank 16 and 128 (resolve, hash, load,
+    realign, save: one `realign_one` call, as the engines run it) against the time to copy the same adapter files
+    (target <= 1.5x), with where the time goes.
+
+The restorer is the paper's NLSR engine (`--preset paper`, the default here: low-rank throughout, so an adapter costs
+its I/O, similarity, plan and patch); `--preset default` measures the project's default restorer, nlsr-addback,
+which builds each module's dense d_out x d_in update and costs far more per adapter.
+
+Adapters and safety patches are random (bf16, written as stock PEFT folders; the patch's masks come from the `random`
+scorer at the default config's granularity), so nothing is downloaded. Ray's start-up and a warm-up fleet (one task
+per worker, paying the imports) are timed apart and not counted in (1); sequential mode gets the same warm-up.
+
+Usage:
+  .venv/bin/python benchmarks/fleet.py                        # full size (a quiet machine: ~10 GB free disk and RAM)
+  .venv/bin/python benchmarks/fleet.py --layers 2 --fleet 4   # smoke size: checks the script runs, times mean nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import module_shapes, random_adapter
+
+from nlsr_hub import NLSRConfig, NLSRPatcher, load_adapter, save_adapter
+from nlsr_hub.adapters import LLAMA_TARGETS, LoraAdapter, LoraModule
+from nlsr_hub.fleet import FleetSettings, realign_fleet
+from nlsr_hub.fleet.driver import prepare_shared
+from nlsr_hub.fleet.engines import torch_threads
+from nlsr_hub.fleet.work import FleetTarget, files_sha256, realign_one
+from nlsr_hub.safety_patch import build_safety_patch
+
+BASE_ID = "meta-llama/Meta-Llama-3-8B"
+_START = time.perf_counter()
+
+
+def log(message: str) -> None:
+    """A progress line on stderr (the figures go to stdout)."""
+    print(f"[{time.perf_counter() - _START:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+def llama_adapter(rank: int, layers: int, seed: int, like: LoraAdapter | None = None) -> LoraAdapter:
+    """A random bf16 LoRA with Llama-3-8B's module shapes (7 targets per block) and a stock PEFT config."""
+    shapes = module_shapes(4096, 14336, 1024, layers)
+    adapter = random_adapter(shapes, rank, seed, torch.bfloat16, like=like, drift=0.3)
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": sorted(LLAMA_TARGETS),
+              "base_model_name_or_path": BASE_ID, "task_type": "CAUSAL_LM"}
+    return LoraAdapter(modules=adapter.modules, config=config)
+
+
+def write_patch(root: Path, rank: int, layers: int, config: NLSRConfig) -> Path:
+    """A safety patch of a random aligned adapter (EXPO reference scale, `random` scorer masks), saved to `root`."""
+    aligned = llama_adapter(rank, layers, seed=1)
+    reference = LoraAdapter(modules={n: LoraModule(m.A, m.B, (1 + config.beta) * m.scale)
+                                     for n, m in aligned.modules.items()}, config=aligned.config)
+    metadata = {"scorer": "random", "sparsity_ratio": config.sparsity_ratio, "granularity": config.granularity,
+                "beta": config.beta, "compat": False, "seed": 0, "calibration": {}, "inputs": {},
+                "reference_source": "expo"}
+    patch = build_safety_patch(reference, None, scorer="random", sparsity_ratio=config.sparsity_ratio,
+                               granularity=config.granularity, seed=0, metadata=metadata)
+    generator = torch.Generator().manual_seed(2)  # input-activation norms, as an activation scorer records them
+    norms = {n: torch.rand(m.A.shape[1], generator=generator) for n, m in reference.modules.items()}
+    return dataclasses.replace(patch, input_norms=norms).save_pretrained(root / f"patch-r{rank}")
+
+
+def write_fleet(root: Path, count: int, rank: int, layers: int) -> list[str]:
+    """`count` fine-tuned adapters (drifted from one random adapter) saved under `root`; their folders."""
+    start = llama_adapter(rank, layers, seed=1)
+    return [str(save_adapter(llama_adapter(rank, layers, seed=10 + i, like=start), root / f"adapter-{i:03d}"))
+            for i in range(count)]
+
+
+def timed_fleet(patch: Path, specs: list[str], out: Path, engine: str, config: NLSRConfig) -> float:
+    """Seconds for one fleet run (every adapter realigned and written; resume off)."""
+    patcher = NLSRPatcher.from_pretrained(None, safety_patch=patch, config=config)
+    start = time.perf_counter()
+    report = realign_fleet(patcher, specs, settings=FleetSettings(output_dir=out, resume=False), engine=engine,
+                           progress=False)
+    elapsed = time.perf_counter() - start
+    failed = report.failed
+    if failed:
+        raise RuntimeError(f"{len(failed)} adapters failed, e.g. {failed[0]['error']}")
+    return elapsed
+
+
+def same_results(left: Path, right: Path) -> bool:
+    """Whether two fleet folders hold byte-identical results (summaries aside)."""
+    def tree(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+                if p.is_file() and p.parent != root}
+    return tree(left) == tree(right)
+
+
+def part_throughput(root: Path, args: argparse.Namespace) -> None:
+    import ray
+
+    cores, config = os.cpu_count() or 1, NLSRConfig.preset(args.preset)
+    log(f"(1) writing a safety patch and {args.fleet} adapters")
+    patch = write_patch(root, args.fleet_rank, args.layers, config)
+    specs = write_fleet(root / "fleet", args.fleet, args.fleet_rank, args.layers)
+    log("(1) sequential: warm-up, then the fleet")
+    timed_fleet(patch, specs[:1], root / "warm-seq", "sequential", config)  # imports and first-touch costs
+    sequential = timed_fleet(patch, specs, root / "out-seq", "sequential", config)
+    log("(1) ray: start, warm-up, then the fleet")
+    start = time.perf_counter()
+    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    startup = time.perf_counter() - start
+    try:
+        warm = timed_fleet(patch, specs[:cores], root / "warm-ray", "ray", config)
+        log("(1) ray: warm")
+        on_ray = timed_fleet(patch, specs, root / "out-ray", "ray", config)
+    finally:
+        ray.shutdown()
+    per_min = {name: 60 * args.fleet / seconds for name, seconds in (("sequential", sequential), ("ray", on_ray))}
+    print(f"(1) fleet of {args.fleet} Llama-3-8B-shaped adapters ({args.layers * 7} modules, rank {args.fleet_rank}, "
+          f"bf16), restorer {config.restorer} (--preset {args.preset}), {cores} cores, one torch thread per adapter")
+    print(f"    sequential: {sequential:.1f} s = {per_min['sequential']:.1f} adapters/min")
+    print(f"    ray:        {on_ray:.1f} s = {per_min['ray']:.1f} adapters/min (not counted: ray.init {startup:.1f} s, "
+          f"warm-up fleet of {cores} {warm:.1f} s)")
+    print(f"    speed-up: {per_min['ray'] / per_min['sequential']:.2f}x (target >= 1.7x on 2 cores); "
+          f"same bytes from both engines: {same_results(root / 'out-seq', root / 'out-ray')}")
+
+
+def copy_seconds(folder: Path, target: Path) -> float:
+    """Seconds to copy an adapter's files (config and weights) into a new folder."""
+    shutil.rmtree(target, ignore_errors=True)
+    start = time.perf_counter()
+    target.mkdir(parents=True)
+    for file in sorted(folder.iterdir()):
+        shutil.copyfile(file, target / file.name)
+    return time.perf_counter() - start
+
+
+def breakdown(patch: Path, spec: str, out: Path, config: NLSRConfig) -> dict[str, float]:
+    """Where one adapter's time goes: hash, load, realign (similarity, plan, patch) and save."""
+    patcher = NLSRPatcher.from_pretrained(None, safety_patch=patch, config=config)
+    times = {}
+    start = time.perf_counter()
+    files_sha256(Path(spec))
+    times["hash"], start = time.perf_counter() - start, time.perf_counter()
+    adapter = load_adapter(spec)
+    times["load"], start = time.perf_counter() - start, time.perf_counter()
+    result = patcher.realign(finetuned=adapter, progress=False)
+    times["realign"], start = time.perf_counter() - start, time.perf_counter()
+    result.save_pretrained(out)
+    times["save"] = time.perf_counter() - start
+    return times
+
+
+def part_cost(root: Path, args: argparse.Namespace) -> None:
+    config = NLSRConfig.preset(args.preset)
+    print(f"(2) per-adapter cost, Llama-3-8B-shaped ({args.layers * 7} modules, bf16), restorer {config.restorer}, "
+          f"median of {args.repeats}, one torch thread:")
+    for rank in args.ranks:
+        log(f"(2) rank {rank}: writing a safety patch and an adapter")
+        patch = write_patch(root, rank, args.layers, config)
+        spec = write_fleet(root / f"cost-r{rank}", 1, rank, args.layers)[0]
+        shared = prepare_shared(NLSRPatcher.from_pretrained(None, safety_patch=patch, config=config), progress=False)
+        settings = FleetSettings(output_dir=root / f"cost-out-r{rank}", resume=False)
+        target = FleetTarget(index=0, spec=spec, name="adapter")
+        copies, costs = [], []
+        with torch_threads(1):  # as the engines run an adapter
+            realign_one(target, shared, settings)  # first touch
+            for _ in range(args.repeats):
+                copies.append(copy_seconds(Path(spec), root / f"copy-r{rank}"))
+                start = time.perf_counter()
+                row = realign_one(target, shared, settings)
+                costs.append(time.perf_counter() - start)
+                if row["error"]:
+                    raise RuntimeError(row["error"])
+            parts = breakdown(patch, spec, root / f"breakdown-r{rank}", config)
+        size = sum(f.stat().st_size for f in Path(spec).iterdir()) / 2**20
+        copy, cost = statistics.median(copies), statistics.median(costs)
+        detail = ", ".join(f"{k} {v:.2f} s" for k, v in parts.items())
+        print(f"    rank {rank:>3} ({size:,.0f} MiB of adapter files): realign {cost:.2f} s vs copy {copy:.2f} s = "
+              f"{cost / copy:.2f}x (target <= 1.5x); {detail}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=("1", "2", "all"), default="all")
+    parser.add_argument("--layers", type=int, default=32, help="Decoder blocks (32: Llama-3-8B, 224 modules).")
+    parser.add_argument("--fleet", type=int, default=16, help="Adapters in the throughput fleet (default 16).")
+    parser.add_argument("--fleet-rank", type=int, default=16, help="Rank of the throughput fleet's adapters.")
+    parser.add_argument("--ranks", type=lambda s: [int(r) for r in s.split(",")], default=[16, 128],
+                        help="Ranks for the per-adapter cost (default 16,128).")
+    parser.add_argument("--repeats", type=int, default=3, help="Timed repeats per rank in (2).")
+    parser.add_argument("--preset", choices=("paper", "default"), default="paper",
+                        help="paper (default here): the NLSR engine, low-rank throughout, whose per-adapter work is "
+                        "I/O, similarity, plan and patch; default: nlsr-addback, which works on each module's dense "
+                        "update.")
+    parser.add_argument("--workdir", type=Path, default=None, help="Folder for the adapters (default: a temp dir).")
+    args = parser.parse_args()
+    import ray
+
+    print(f"nlsr-hub fleet benchmark: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, ray {ray.__version__}, python {platform.python_version()}")
+    with tempfile.TemporaryDirectory(prefix="nlsr-fleet-bench-", dir=args.workdir) as tmp:
+        if args.part in ("1", "all"):
+            part_throughput(Path(tmp), args)
+        if args.part in ("2", "all"):
+            part_cost(Path(tmp), args)
+
+
+if __name__ == "__main__":
+    main()
