@@ -96,8 +96,7 @@ def _write_into_subfolder(result: Any, folder: Path, repo_id: str, subfolder: st
                     encoding="utf-8")
 
 
-def realign_and_publish(api: Any, settings: WebhookSettings, repo_id: str, sha: str, weights: str,
-                        private: bool) -> str:
+def realign_and_publish(settings: WebhookSettings, repo_id: str, sha: str, weights: str, private: bool) -> str:
     """Realign `repo_id`@`sha` with the safety patch and publish it; returns the pull request or commit URL."""
     from ..hub import push_folder_with
     from ..patcher import NLSRPatcher
@@ -146,8 +145,7 @@ def run_job(api: Any, settings: WebhookSettings, repo_id: str, sha: str, private
         earlier = existing_realignment(api, settings, repo_id, sha, adapter.weights)
         if earlier is not None:
             return Outcome("ignored", "already realigned (same commit or same adapter weights)", earlier)
-        return Outcome("done", "realigned", realign_and_publish(api, settings, repo_id, sha, adapter.weights,
-                                                                private))
+        return Outcome("done", "realigned", realign_and_publish(settings, repo_id, sha, adapter.weights, private))
     except Exception as err:  # any failure is reported, never raised into the worker
         error = one_line_error(err, secrets=(settings.token, settings.secret))
     try:
