@@ -15,6 +15,7 @@ The similarity recorded in the plan is ``cos_F(ΔW_t, ΔW_a)`` (``nlsr-*``: mask
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,8 @@ import torch
 from .adapters import LoraModule
 from .config import NLSRConfig
 from .lowrank import truncated_svd
-from .restorers.dense import update_cosine, update_mask
+from .restorers.dense import update_mask
+from .similarity import NonFiniteError
 
 DENSE_RESTORERS = ("addback", "interpolate", "nlsr-addback", "nlsr-dense")
 NEEDS_BASE = ("addback", "nlsr-addback", "nlsr-dense")
@@ -47,7 +49,8 @@ class ModuleWeights:
 
 
 def _minus(weight: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
-    return weight.to(torch.float32) - base.to(torch.float32) if base is not None else weight.to(torch.float32)
+    difference = weight.to(torch.float32, copy=True)  # a float32 weight must never be changed in place
+    return difference.sub_(base) if base is not None else difference  # in place: one float32 matrix, not three
 
 
 def check_dense_restorer(config: NLSRConfig, has_base: bool) -> None:
@@ -70,8 +73,31 @@ def module_similarity(weights: ModuleWeights, config: NLSRConfig, mask: torch.Te
     """The similarity the plan records for this module (see the module docstring)."""
     delta_t, delta_a = weights.update_t(), weights.update_a()
     if config.restorer in NEEDS_NORMS:
-        return update_cosine((1.0 + config.beta) * delta_a, delta_t, mask)
-    return update_cosine(delta_a, delta_t, torch.ones(delta_t.shape[0], dtype=torch.bool))
+        return blockwise_cosine((1.0 + config.beta) * delta_a, delta_t, mask)
+    return blockwise_cosine(delta_a, delta_t, None)
+
+
+def blockwise_cosine(first: torch.Tensor, second: torch.Tensor, mask: torch.Tensor | None) -> float:
+    """``cos_F(M⊙first, M⊙second)`` in float64 (1 when both are zero, 0 when one is), a block of rows at a time, so no
+    float64 copy of a whole matrix is made; `mask` is (d_out, d_in), (d_out,) rows, or None (everything)."""
+    rows = max(1, (1 << 20) // max(1, first.shape[1]))
+    dot = first_sq = second_sq = 0.0
+    for start in range(0, first.shape[0], rows):
+        a, b = first[start:start + rows].to(torch.float64), second[start:start + rows].to(torch.float64)
+        if mask is not None:
+            m = mask[start:start + rows]
+            m = (m.reshape(-1, 1) if m.ndim == 1 else m).to(torch.float64)
+            a, b = a * m, b * m
+        dot += float((a * b).sum())
+        first_sq += float(a.square().sum())
+        second_sq += float(b.square().sum())
+    if not all(math.isfinite(x) for x in (dot, first_sq, second_sq)):
+        raise NonFiniteError("the similarity is not finite: the weights hold NaN or infinite values")
+    if first_sq == 0.0 and second_sq == 0.0:
+        return 1.0
+    if first_sq == 0.0 or second_sq == 0.0:
+        return 0.0
+    return max(-1.0, min(1.0, dot / math.sqrt(first_sq * second_sq)))
 
 
 def correction(weights: ModuleWeights, config: NLSRConfig, mask: torch.Tensor | None) -> torch.Tensor:
@@ -104,5 +130,16 @@ def extract_lora(update: torch.Tensor, kept_energy: float, max_rank: int | None 
     return LoraModule(fact.A.contiguous(), fact.B.contiguous(), 1.0), fact.error
 
 
-__all__ = ["DENSE_RESTORERS", "NEEDS_BASE", "NEEDS_NORMS", "ModuleWeights", "check_dense_restorer", "correction",
-           "extract_lora", "module_mask", "module_similarity", "realigned_weight"]
+__all__ = [
+    "DENSE_RESTORERS",
+    "NEEDS_BASE",
+    "NEEDS_NORMS",
+    "ModuleWeights",
+    "blockwise_cosine",
+    "check_dense_restorer",
+    "correction",
+    "extract_lora",
+    "module_mask",
+    "module_similarity",
+    "realigned_weight",
+]

@@ -19,6 +19,8 @@ similarities and the plan (a dry run stops here), the second writes either
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import shutil
 from collections.abc import Mapping, Sequence
@@ -44,6 +46,7 @@ from .dense_restore import (
 )
 from .plan import PLAN_NAME, RealignmentPlan, plan_realignment, with_outcomes
 from .selection import Selection, similarity_order
+from .similarity import naming_module
 
 logger = logging.getLogger(__name__)
 OUTPUT_FORMATS = ("dense", "lora")
@@ -72,6 +75,24 @@ class _Sources:
         key = f"{module}.weight"
         return ModuleWeights(self.finetuned.read(key), self.aligned.read(key),
                              self.base.read(key) if self.base is not None else None)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None where the C library has none."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the system (glibc ``malloc_trim``; a no-op elsewhere). A module's temporaries
+    are freed after each module, but allocations below glibc's dynamic mmap threshold (up to 32 MiB) stay in the
+    process's heap, so without this the resident size would grow by fragments of every module."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def target_modules(checkpoint: Checkpoint, targets: Sequence[str]) -> tuple[str, ...]:
@@ -110,9 +131,11 @@ def plan_full_finetune(sources: _Sources, config: NLSRConfig, norms: Mapping[str
     ``addback`` and ``interpolate`` change every module (unless λ = 0); ``nlsr-*`` select modules as configured."""
     sims, counts = {}, {}
     for module in tqdm(sources.modules, desc="nlsr: plan", unit="module", disable=not progress):
+        release_freed_memory()
         weights = sources.weights(module)
         mask = module_mask(weights, norms[module], config) if config.restorer in NEEDS_NORMS else None
-        sims[module] = module_similarity(weights, config, mask)
+        with naming_module(module):
+            sims[module] = module_similarity(weights, config, mask)
         rows = int(weights.finetuned.shape[0])
         if mask is None:
             counts[module] = (rows if config.strength != 0.0 else 0, rows)
@@ -179,6 +202,7 @@ def _write_dense(sources: _Sources, plan: RealignmentPlan, config: NLSRConfig,
     patched = {f"{name}.weight": name for name in plan.patched}
 
     def produce(key: str) -> torch.Tensor:
+        release_freed_memory()  # the previous tensor's temporaries
         module = patched.get(key)
         if module is None:
             return ft.read(key)
@@ -206,12 +230,24 @@ def _changed_outside(sources: _Sources, reference: Checkpoint) -> dict[str, floa
         if key not in reference.tensors:
             changed[key] = None
             continue
+        release_freed_memory()
         mine, theirs = sources.finetuned.read(key), reference.read(key)
-        if mine.shape != theirs.shape or not torch.equal(mine, theirs):
-            diff = (mine.to(torch.float64) - theirs.to(torch.float64)).norm() if mine.shape == theirs.shape else None
-            size = theirs.to(torch.float64).norm()
-            changed[key] = None if diff is None else float(diff / size) if size > 0 else float(diff)
+        if mine.shape != theirs.shape:
+            changed[key] = None
+        elif not torch.equal(mine, theirs):
+            changed[key] = relative_change(mine, theirs)
     return changed
+
+
+def relative_change(new: torch.Tensor, old: torch.Tensor, chunk: int = 1 << 20) -> float:
+    """``‖new − old‖ / ‖old‖`` (``‖new − old‖`` when `old` is zero) in float64, `chunk` elements at a time."""
+    a, b = new.reshape(-1), old.reshape(-1)
+    diff = size = 0.0
+    for start in range(0, a.numel(), chunk):
+        x, y = a[start:start + chunk].to(torch.float64), b[start:start + chunk].to(torch.float64)
+        diff += float((x - y).square().sum())
+        size += float(y.square().sum())
+    return (diff / size) ** 0.5 if size > 0 else diff ** 0.5
 
 
 def _extract_adapter(sources: _Sources, plan: RealignmentPlan, config: NLSRConfig,
@@ -223,6 +259,7 @@ def _extract_adapter(sources: _Sources, plan: RealignmentPlan, config: NLSRConfi
 
     modules, ranks, errors = {}, {}, {}
     for module in tqdm(sources.modules, desc="nlsr: extracting LoRA", unit="module", disable=not progress):
+        release_freed_memory()
         weights, fix = _realigned(sources, plan, config, norms, module)
         reference = weights.base if weights.base is not None else weights.aligned
         update = weights.finetuned.to(torch.float32) - reference.to(torch.float32)

@@ -66,7 +66,10 @@ def truncated_svd(matrix: torch.Tensor, kept_energy: float, max_rank: int | None
     if not 0.0 < kept_energy <= 1.0 or math.isnan(kept_energy):
         raise ValueError(f"`kept_energy` must lie in (0, 1] (got {kept_energy}).")
     dense = matrix.to(torch.float32)
-    U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
+    wide = dense.shape[0] < dense.shape[1]  # LAPACK is several times faster on the tall side: SVD the transpose
+    U, S, Vh = torch.linalg.svd(dense.T if wide else dense, full_matrices=False)
+    if wide:
+        U, Vh = Vh.T, U.T
     k = kept_rank(S, kept_energy, max_rank)
     if k == 0:  # a zero correction: a rank-1 zero factor keeps the adapter well-formed
         return Factorised(torch.zeros(dense.shape[0], 1), torch.zeros(1, dense.shape[1]), 0.0)

@@ -238,3 +238,18 @@ def test_streamed_shards_read_back_with_safetensors(tmp_path):
     assert set(back) == set(tensors) and all(torch.equal(back[k], v) for k, v in tensors.items())
     with pytest.raises(ValueError, match="announced"):
         write_shard(tmp_path / "y.safetensors", {"a": TensorInfo(torch.float32, (2,))}, lambda _: torch.zeros(3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_module_functions_never_modify_their_inputs(dtype, name):
+    from nlsr_hub.dense_restore import ModuleWeights, correction, module_mask, module_similarity
+
+    generator = torch.Generator().manual_seed(0)
+    w_t, w_a, w_0 = (torch.randn(6, 5, generator=generator).to(dtype) for _ in range(3))
+    copies = [w.clone() for w in (w_t, w_a, w_0)]
+    weights, config = ModuleWeights(w_t, w_a, w_0), CONFIGS[name]
+    mask = module_mask(weights, torch.ones(5), config) if name.startswith("nlsr") else None
+    module_similarity(weights, config, mask)
+    correction(weights, config, mask)
+    assert all(torch.equal(w, c) for w, c in zip((w_t, w_a, w_0), copies, strict=True))
