@@ -29,9 +29,21 @@ EXAMPLES = """examples:
   nlsr realign --safety-patch org/safety-patch --finetuned user/a user/b ./c --output out/
   nlsr reference --aligned org/aligned-lora --beta 0.9 --output reference/
   nlsr push out/ user/task-lora-nlsr --create-pr
+  nlsr realign-full --finetuned ./ft-model --aligned ./instruct --base ./base --output realigned/
+  nlsr realign-full --finetuned ./ft-model --aligned ./instruct --base ./base --format lora --output lora/
+  nlsr patch --base org/llama-70b --aligned ./aligned --max-memory 0=20GiB,cpu=100GiB --output patch/
   nlsr demo                        # SmolLM2: align, attack, realign; HS and accuracy before/after
   nlsr demo --tiny --output demo_out/   # offline: a tiny random model, in seconds
 """
+
+
+REALIGN_HELP = (
+    "Realign one or many fine-tuned PEFT LoRA adapters. Accepted: plain LoRA, rsLoRA, per-module rank/alpha patterns, "
+    "and adapters trained on a quantised base (their factors are float; a calibration pass needs the unquantised base, "
+    "loaded with accelerate offload via --max-memory when it does not fit). Refused with an error naming the variant: "
+    "DoRA, lora_bias, aLoRA, QA-LoRA, target_parameters, layer replication, trainable tokens, embedding LoRA. Full "
+    "fine-tunes: `nlsr realign-full`; a PeftModel in memory: `nlsr_hub.realign_peft_model` (Python)."
+)
 
 
 def _field_type(field: dataclasses.Field) -> type:
@@ -107,6 +119,9 @@ def _add_input_arguments(parser: argparse.ArgumentParser, *, finetuned: str) -> 
                        help="JSON/JSONL file of safe {prompt, response} pairs (default: built-in set).")
     group.add_argument("--dtype", default=None, help="Base model dtype for calibration (default float32).")
     group.add_argument("--device", default=None, help="Device for calibration, e.g. cuda (default cpu).")
+    from .fullft_command import add_offload_arguments
+
+    add_offload_arguments(group)
     group.add_argument("--no-strict-base", dest="strict_base", action="store_false",
                        help="Do not compare the adapters' recorded base model names.")
 
@@ -135,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    realign = command("realign", "Realign one or many fine-tuned adapters.", _cmd_realign)
+    realign = command("realign", REALIGN_HELP, _cmd_realign)
     _add_input_arguments(realign, finetuned="many")
     realign.add_argument("--output", type=Path,
                          help="Folder for the realigned adapter; with several adapters, one subfolder each.")
@@ -151,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_fleet_arguments(realign)
 
     plan = command("plan", "Dry run: print the per-module plan, build no weights.", _cmd_plan)
+    from .fullft_command import DESCRIPTION as FULL_HELP
+    from .fullft_command import add_realign_full_arguments
+
+    full = command("realign-full", FULL_HELP, _cmd_realign_full)
+    add_realign_full_arguments(full)
+    add_config_arguments(full)
+    _add_hub_arguments(full)
     _add_input_arguments(plan, finetuned="one")
     plan.add_argument("--plan-json", type=Path, help="Also write the plan to this JSON file.")
     add_config_arguments(plan)
@@ -229,6 +251,7 @@ def _patcher(args: argparse.Namespace, finetuned: str | None) -> Any:
         args.base, finetuned=finetuned, aligned=args.aligned, reference=args.reference, weak=args.weak,
         safety_patch=getattr(args, "safety_patch", None), config=config_from_args(args),
         allow_pickle=args.allow_pickle, dtype=args.dtype, device=args.device, strict_base=args.strict_base,
+        max_memory=getattr(args, "max_memory", None), offload_folder=getattr(args, "offload_folder", None),
         **_hub_kwargs(args),
     )
 
@@ -270,6 +293,12 @@ def _cmd_realign(args: argparse.Namespace) -> int:
         _print_commit(result.push_to_hub(args.push_to_hub, revision=None,
                                          **_push_kwargs(args, "Upload NLSR-realigned adapter")))
     return 0
+
+
+def _cmd_realign_full(args: argparse.Namespace) -> int:
+    from .fullft_command import run_realign_full
+
+    return run_realign_full(args, config_from_args(args))
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
