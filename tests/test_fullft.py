@@ -253,3 +253,22 @@ def test_module_functions_never_modify_their_inputs(dtype, name):
     module_similarity(weights, config, mask)
     correction(weights, config, mask)
     assert all(torch.equal(w, c) for w, c in zip((w_t, w_a, w_0), copies, strict=True))
+
+
+def test_cli_realign_full_writes_what_the_api_writes(dense_trio, tmp_path, capsys):
+    from nlsr_hub.cli import main
+
+    rc = main(["realign-full", "--finetuned", str(dense_trio["finetuned"]), "--aligned", str(dense_trio["aligned"]),
+               "--restorer", "interpolate", "--strength", "0.3", "--format", "lora", "--kept-energy", "0.95",
+               "--output", str(tmp_path / "cli")])
+    assert rc == 0 and "written to" in capsys.readouterr().out
+    api = realign_full_finetune(dense_trio["finetuned"], aligned=dense_trio["aligned"], output=tmp_path / "api",
+                                output_format="lora", progress=False,
+                                config=NLSRConfig.preset("default", restorer="interpolate", strength=0.3,
+                                                         kept_energy=0.95))
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "cli" / name).read_bytes() == (api.output / name).read_bytes()
+    rc = main(["realign-full", "--finetuned", str(dense_trio["finetuned"]), "--aligned", str(dense_trio["aligned"]),
+               "--output", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("nlsr realign-full: error:") and "needs the base checkpoint" in err

@@ -64,3 +64,18 @@ def test_max_memory_runs_the_patcher_with_offload_and_gives_the_same_realignment
 def test_bad_max_memory_fails_before_any_loading(trio):
     with pytest.raises(ValueError, match="max_memory"):
         NLSRPatcher.from_pretrained(trio.base, aligned=trio.aligned, max_memory="gpu=lots")
+
+
+def test_cli_patch_with_max_memory_equals_the_patch_without(trio, tmp_path):
+    from nlsr_hub import SafetyPatch
+    from nlsr_hub.cli import main
+
+    common = ["patch", "--base", str(trio.base), "--aligned", str(trio.aligned)]
+    assert main([*common, "--output", str(tmp_path / "whole")]) == 0
+    assert main([*common, "--max-memory", f"cpu={checkpoint_bytes(trio.base) // 4}", "--offload-folder",
+                 str(tmp_path / "off"), "--output", str(tmp_path / "offloaded")]) == 0
+    whole, offloaded = (SafetyPatch.from_pretrained(tmp_path / n) for n in ("whole", "offloaded"))
+    for name, mask in whole.masks.items():
+        assert torch.equal(offloaded.masks[name].B, mask.B), name
+        assert torch.allclose(offloaded.input_norms[name], whole.input_norms[name], rtol=1e-6), name
+    assert main([*common, "--max-memory", "cpu:1GB", "--output", str(tmp_path / "bad")]) == 2
