@@ -256,6 +256,10 @@ def list_adapter_repos(prefix: str, *, token: str | bool | None = None) -> list[
     return sorted(set(found))
 
 
+class HubUnreachable(ValueError):
+    """A file is not in the local Hub cache and the Hub could not be asked (offline mode, no network)."""
+
+
 @dataclass(frozen=True)
 class FetchedFile:
     """One file downloaded from a Hub repo into the Hugging Face cache, with the commit it came from."""
@@ -297,8 +301,8 @@ def fetch_file(repo_id: str, filename: str, *, repo_type: str = "dataset", revis
     except RevisionNotFoundError:
         raise ValueError(f"{where}: the revision does not exist; check the branch, tag or commit.") from None
     except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: must come first
-        raise ValueError(f"{where} is not in the local Hub cache and could not be downloaded (offline mode, "
-                         "`local_files_only=True`, or the Hub cannot be reached).") from None
+        raise HubUnreachable(f"{where} is not in the local Hub cache and could not be downloaded (offline mode, "
+                             "`local_files_only=True`, or the Hub cannot be reached).") from None
     except EntryNotFoundError:
         raise ValueError(f"{where}: the repository has no such file.") from None
     except HfHubHTTPError as err:

@@ -209,3 +209,25 @@ def test_env_shows_local_file_or_hub_source(hub, empty_root):
         "data/train-00000-of-00001.parquet (MIT; cached)"
     assert after["sst2 fine-tuning mix (p = 0.05)"].startswith("built from")
     assert "google-research-datasets/nq_open" in after["harmless questions (NQ-open)"]
+
+
+def test_check_data_stops_asking_an_unreachable_hub(hub, empty_root, monkeypatch):
+    from huggingface_hub import constants
+
+    import nlsr_hub.hub as hub_module
+
+    calls = []
+    real = hub_module.fetch_file
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["local_files_only"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hub_module, "fetch_file", spy)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # nothing cached, the Hub cannot be asked
+    with pytest.raises(sources.SourceUnreachable.__mro__[1]) as err:
+        check_data(TINY, empty_root)
+    message = str(err.value)
+    assert "\n" not in message and message.count("allow Hub access") == len(calls) == 5  # + the refusal CSV
+    assert calls[0] is False and all(calls[1:])  # after the first failure: the cache only, no more retries
+    assert not any("/resolve/" in path for _, path in hub.requests)

@@ -40,6 +40,11 @@ class DataMissing(FileNotFoundError):
     """A data set has neither a local file nor a reachable source; callers skip the stage that needs it."""
 
 
+class SourceUnreachable(DataMissing):
+    """A data set's Hub source is neither cached nor reachable (offline, no network): the next ones will not be
+    either, so callers resolve the rest from the cache only instead of waiting on retries again."""
+
+
 @dataclass(frozen=True)
 class HubSource:
     """A file of a Hub dataset repo and how its rows become the local file's schema."""
@@ -199,9 +204,13 @@ def dataset(key: str) -> DataSet:
 # ----------------------------------------------------------------------------------------------- resolution
 
 
-def resolve_data(key: str, root: Path, *, cache_dir: str | Path | None = None) -> Resolved:
+def resolve_data(key: str, root: Path, *, cache_dir: str | Path | None = None,
+                 local_files_only: bool = False) -> Resolved:
     """The data set `key`: the data folder's file when present, else its Hub source (downloaded into the Hugging
-    Face cache, or read from there offline). `DataMissing` names the problem and both fixes."""
+    Face cache, or read from there offline). `DataMissing` names the problem and both fixes (`SourceUnreachable`
+    when the Hub could not be asked)."""
+    from ..hub import HubUnreachable, fetch_file
+
     data = dataset(key)
     local = root / data.local
     if local.is_file():
@@ -209,14 +218,13 @@ def resolve_data(key: str, root: Path, *, cache_dir: str | Path | None = None) -
     if data.hub is None:
         raise DataMissing(f"{data.title}: {local} is missing, and it has {data.note}; set `--data` / $NLSR_DATA "
                           "to a benchmark data folder that holds it.")
-    from ..hub import fetch_file
-
     hub = data.hub
     try:
         fetched = fetch_file(hub.repo_id, hub.filename, repo_type=hub.repo_type, revision=hub.revision,
-                             cache_dir=cache_dir)
+                             cache_dir=cache_dir, local_files_only=local_files_only)
     except ValueError as err:
-        raise DataMissing(f"{data.title}: {local} is missing and its Hub source {hub.spec()} could not be fetched "
+        kind = SourceUnreachable if isinstance(err, HubUnreachable) else DataMissing
+        raise kind(f"{data.title}: {local} is missing and its Hub source {hub.spec()} could not be fetched "
                           f"({err}); set `--data` / $NLSR_DATA to the benchmark data folder, {ACCESS_FIX}.") from None
     return Resolved(key, fetched.path, "hub", fetched.commit)
 
@@ -243,9 +251,10 @@ def read_rows(path: Path) -> Any:
     return json.loads(text)
 
 
-def load_records(key: str, root: Path, *, cache_dir: str | Path | None = None) -> tuple[Any, Resolved]:
+def load_records(key: str, root: Path, *, cache_dir: str | Path | None = None,
+                 local_files_only: bool = False) -> tuple[Any, Resolved]:
     """The rows of data set `key` in its local file's schema (Hub rows converted), and where they came from."""
-    resolved = resolve_data(key, root, cache_dir=cache_dir)
+    resolved = resolve_data(key, root, cache_dir=cache_dir, local_files_only=local_files_only)
     rows = read_rows(resolved.path)
     if resolved.origin == "hub":
         hub = dataset(key).hub
@@ -301,18 +310,19 @@ def check_mix(shipped: Rows, built: Rows) -> list[str]:
     return problems
 
 
-def load_mix(task: str, p: float, root: Path, *, seed: int = 0, n: int = 1000,
-             cache_dir: str | Path | None = None) -> tuple[Rows, dict[str, Any]]:
+def load_mix(task: str, p: float, root: Path, *, seed: int = 0, n: int = 1000, cache_dir: str | Path | None = None,
+             local_files_only: bool = False) -> tuple[Rows, dict[str, Any]]:
     """The `task` mix with harmful share `p`: the data folder's shipped file, else built from the task's training
     rows and the harmful QA rows (`build_mix`). Returns the rows and what the results record about them."""
     local = root / mix_file(task, p)
     if local.is_file():
         return read_rows(local), {"origin": "local", "path": str(local)}
     try:
-        task_rows, task_src = load_records(f"{task}-train", root, cache_dir=cache_dir)
-        harmful, harmful_src = load_records("harmful-qa", root, cache_dir=cache_dir)
+        task_rows, task_src = load_records(f"{task}-train", root, cache_dir=cache_dir,
+                                           local_files_only=local_files_only)
+        harmful, harmful_src = load_records("harmful-qa", root, cache_dir=cache_dir, local_files_only=local_files_only)
     except DataMissing as err:
-        raise DataMissing(f"{task} fine-tuning mix (p = {p:g}): {local} is missing and it cannot be built: {err}"
+        raise type(err)(f"{task} fine-tuning mix (p = {p:g}): {local} is missing and it cannot be built: {err}"
                           ) from None
     return build_mix(task_rows, harmful, p=p, n=n, seed=seed), {
         "origin": "built", "n": n, "p": p, "seed": seed, "task_rows": task_src.record(),
@@ -335,5 +345,5 @@ def describe(key: str, root: Path) -> str:
     return f"Hub dataset {hub.spec()} ({hub.licence}; {state})"
 
 
-__all__ = ["REGISTRY", "DataMissing", "DataSet", "HubSource", "Resolved", "build_mix", "check_mix", "dataset",
-           "describe", "load_mix", "load_records", "mix_file", "read_rows", "resolve_data"]
+__all__ = ["REGISTRY", "DataMissing", "DataSet", "HubSource", "Resolved", "SourceUnreachable", "build_mix",
+           "check_mix", "dataset", "describe", "load_mix", "load_records", "mix_file", "read_rows", "resolve_data"]

@@ -37,7 +37,7 @@ from .data import (
 )
 from .evaluate import evaluate_model
 from .settings import GridSettings
-from .sources import REGISTRY, load_mix, resolve_data
+from .sources import REGISTRY, SourceUnreachable, load_mix, resolve_data
 from .train import PREFERENCE_METHODS, merge_adapter, train_preference, train_sft
 
 logger = logging.getLogger(__name__)
@@ -90,15 +90,19 @@ def check_data(settings: GridSettings, root: Path) -> dict[str, Any]:
         keys.append("preferences")
     found: dict[str, Any] = {}
     missing: list[str] = []
+    cache_only = False  # once the Hub could not be asked, the rest come from the cache only (no more retries)
     for task, p in sorted(attacks):
         try:
-            found[f"{task} fine-tuning mix (p = {p:g})"] = load_mix(task, p, root, seed=settings.seed)[1]
+            found[f"{task} fine-tuning mix (p = {p:g})"] = load_mix(task, p, root, seed=settings.seed,
+                                                                   local_files_only=cache_only)[1]
         except DataMissing as err:
+            cache_only = cache_only or isinstance(err, SourceUnreachable)
             missing.append(str(err))
     for key in keys:
         try:
-            found[REGISTRY[key].title] = resolve_data(key, root).record()
+            found[REGISTRY[key].title] = resolve_data(key, root, local_files_only=cache_only).record()
         except DataMissing as err:
+            cache_only = cache_only or isinstance(err, SourceUnreachable)
             missing.append(str(err))
     if missing:
         raise DataMissing(" | ".join(missing))
