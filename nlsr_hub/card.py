@@ -98,6 +98,20 @@ def _evaluation_lines(eval_results: Sequence[Any]) -> list[str]:
     return rows
 
 
+def _recipe_line(plan: RealignmentPlan) -> str:
+    """The card's line naming the recipe that ran: scorer, mask rule, selection (with its draw order when random)
+    and restoration (with its scaling for a swap)."""
+    selection = f"`{plan.config.get('selection')}`"
+    if plan.config.get("selection") == "adaptive":
+        selection += f" (draw order `{plan.recipe_value('draw_order')}`)"
+    restoration = f"`{plan.effective_restoration}`"
+    if plan.effective_restoration == "swap":
+        restoration += f" (B_e `{plan.recipe_value('swap_scaling')}`)"
+    compat = " (published-code recipe, `compat`)" if plan.config.get("compat") else ""
+    return (f"- scorer `{plan.scorer}`, mask rule `{plan.recipe_value('mask_rule')}`, selection {selection}, "
+            f"restoration {restoration}{compat}")
+
+
 def _section(plan: RealignmentPlan, base_model: str | None, repo_id: str | None, with_plot: bool,
              eval_results: Sequence[Any] = ()) -> str:
     summary = plan.summary()
@@ -110,8 +124,7 @@ def _section(plan: RealignmentPlan, base_model: str | None, repo_id: str | None,
         f"- modules patched: **{summary['modules_patched']} / {summary['modules_total']}**",
         f"- neurons restored: **{summary['neurons_restored']}**",
         f"- mean similarity ({SIMILARITY.get(plan.restorer, SIMILARITY['nlsr'])}): {summary['mean_similarity']:.4f}",
-        f"- scorer `{plan.scorer}`, selection `{plan.config.get('selection')}`, restoration "
-        f"`{plan.effective_restoration}`", "",
+        _recipe_line(plan), "",
         "### Lineage", "", *_lineage_rows(dict(plan.inputs)), "",
     ]
     calibration = dict(plan.calibration)

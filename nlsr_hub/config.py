@@ -16,6 +16,10 @@ from typing import Any
 SELECTIONS = ("adaptive", "threshold", "fraction", "blocks")
 RESTORATIONS = ("neuron", "swap", "module")
 GRANULARITIES = ("element", "row")
+# "auto" follows `compat`: the published code's choice with compat=True, the paper's otherwise
+MASK_RULE_CHOICES = ("auto", "top_k", "strict_threshold")
+DRAW_ORDERS = ("auto", "sorted_names", "layer_major")
+SWAP_SCALINGS = ("auto", "rescaled", "unscaled")
 
 
 def _field(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -71,7 +75,30 @@ class NLSRConfig:
         "neuron", "How patched modules are restored: 'neuron' (exact Eq. 11), 'swap' (factor-wise), "
         "'module' (whole module replaced by the reference).", RESTORATIONS,
     )
-    compat: bool = _field(False, "Reproduce the published code's four differences from the paper (SPEC.md).")
+    compat: bool = _field(
+        False, "Reproduce the published code where it differs from the paper (SPEC.md): EXPO on both factors, "
+        "int(r*P_SR) kept directions, patch when gamma = 1, factor swap, and, through the 'auto' fields, the "
+        "block-by-block scorer (scorer 'low_rank' runs as 'low_rank_sequential'), mask_rule 'strict_threshold', "
+        "draw_order 'layer_major' and swap_scaling 'unscaled'.",
+    )
+    mask_rule: str = _field(
+        "auto", "How each factor's safety-critical entries are counted: 'top_k' (the round((1-P_SR)*N) largest "
+        "scores, ties broken by position; the paper), 'strict_threshold' (scores strictly above the one at ascending "
+        "position int(N*P_SR), compared in the factor's dtype, every tie with it dropped; the published code), "
+        "'auto' (strict_threshold with compat, top_k otherwise).", MASK_RULE_CHOICES,
+    )
+    draw_order: str = _field(
+        "auto", "Random draws of adaptive selection: 'sorted_names' (one CPU uniform stream seeded with `seed`, "
+        "modules in sorted-name order, draw = u < P_j), 'layer_major' (the published code: a generator seeded with "
+        "`seed`, one torch.bernoulli(P_j) per module, block by block in q,k,v,o,gate,up,down order; drawn on CPU, "
+        "while the published runs drew on a GPU, whose stream differs), 'auto' (layer_major with compat, "
+        "sorted_names otherwise).", DRAW_ORDERS,
+    )
+    swap_scaling: str = _field(
+        "auto", "Factor swap between modules with unequal LoRA scales: 'rescaled' (B_e times s_e/s_t, so the swapped "
+        "entries carry the reference's update), 'unscaled' (B_e copied as is; the published code), 'auto' "
+        "(unscaled with compat, rescaled otherwise). Equal scales give the same result.", SWAP_SCALINGS,
+    )
     seed: int = _field(42, "Seed of every random draw (adaptive selection, random scorer).")
     max_calibration_samples: int = _field(256, "Most calibration pairs used for scoring.")
     batch_size: int = _field(8, "Calibration batch size.")
@@ -97,7 +124,8 @@ class NLSRConfig:
                 raise ValueError(f"`{name}` must be a finite number (got {getattr(self, name)}).")
         SCORERS.lookup(self.scorer)
         for name, choices in (
-            ("granularity", GRANULARITIES), ("selection", SELECTIONS), ("restoration", RESTORATIONS)
+            ("granularity", GRANULARITIES), ("selection", SELECTIONS), ("restoration", RESTORATIONS),
+            ("mask_rule", MASK_RULE_CHOICES), ("draw_order", DRAW_ORDERS), ("swap_scaling", SWAP_SCALINGS),
         ):
             value = getattr(self, name)
             if value not in choices:
@@ -160,6 +188,27 @@ class NLSRConfig:
         """The restoration actually used: the published code always swaps factors."""
         return "swap" if self.compat else self.restoration
 
+    @property
+    def effective_scorer(self) -> str:
+        """The scorer actually run: with `compat`, ``low_rank`` is the published block-by-block variant
+        (``low_rank_sequential``); every other scorer runs as named."""
+        return "low_rank_sequential" if self.compat and self.scorer == "low_rank" else self.scorer
+
+    @property
+    def effective_mask_rule(self) -> str:
+        """`mask_rule`, with ``auto`` resolved through `compat` (see `nlsr_hub.masks.MASK_RULES`)."""
+        return _resolve_auto(self.mask_rule, self.compat, published="strict_threshold", paper="top_k")
+
+    @property
+    def effective_draw_order(self) -> str:
+        """`draw_order`, with ``auto`` resolved through `compat` (see `nlsr_hub.selection.DRAWS`)."""
+        return _resolve_auto(self.draw_order, self.compat, published="layer_major", paper="sorted_names")
+
+    @property
+    def effective_swap_scaling(self) -> str:
+        """`swap_scaling`, with ``auto`` resolved through `compat`."""
+        return _resolve_auto(self.swap_scaling, self.compat, published="unscaled", paper="rescaled")
+
     def replace(self, **changes: Any) -> NLSRConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
@@ -204,6 +253,13 @@ class NLSRConfig:
         except yaml.YAMLError as err:
             raise ValueError(f"The config is not valid YAML ({' '.join(str(err).split())}).") from None
         return cls.from_dict({} if data is None else data)
+
+
+def _resolve_auto(value: str, compat: bool, *, published: str, paper: str) -> str:
+    """`value` itself, or for ``auto`` the published code's choice under `compat` and the paper's otherwise."""
+    if value != "auto":
+        return value
+    return published if compat else paper
 
 
 def _field_kinds() -> dict[str, tuple[tuple[type, ...], bool]]:

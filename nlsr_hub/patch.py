@@ -5,7 +5,8 @@ bit-identical; the inputs are never modified.
 
 - ``neuron`` (the paper's Eq. 11, exact): ``ΔW'' = (M_B⊙B_e)(M_A⊙A_e) + (¬M_B⊙B_t)(¬M_A⊙A_t)`` as a
   LoRA of rank r_e + r_t: ``B'' = [M_B⊙(s_e/s_t)·B_e | ¬M_B⊙B_t]``, ``A'' = [M_A⊙A_e ; ¬M_A⊙A_t]`` at scale s_t.
-- ``swap`` (the published code): ``A_t ← ¬M_A⊙A_t + M_A⊙A_e``, ``B_t ← ¬M_B⊙B_t + M_B⊙(s_e/s_t)·B_e``.
+- ``swap`` (the published code): ``A_t ← ¬M_A⊙A_t + M_A⊙A_e``, ``B_t ← ¬M_B⊙B_t + M_B⊙(s_e/s_t)·B_e``; with
+  swap scaling ``unscaled`` (the published code, and `compat`'s) B_e is copied without the factor s_e/s_t.
 - ``module``: the whole module becomes the reference's.
 """
 
@@ -82,9 +83,12 @@ def restore_neurons(reference: LoraModule, finetuned: LoraModule, mask: ModuleMa
     return LoraModule(A, B, finetuned.scale)
 
 
-def swap_factors(reference: LoraModule, finetuned: LoraModule, mask: ModuleMask) -> LoraModule:
-    """The published code's factor-wise swap (rank r; adds cross terms Eq. 11 does not have)."""
-    ratio = reference.scale / finetuned.scale
+def swap_factors(reference: LoraModule, finetuned: LoraModule, mask: ModuleMask, *, rescale: bool = True
+                 ) -> LoraModule:
+    """The published code's factor-wise swap (rank r; adds cross terms Eq. 11 does not have). `rescale`
+    multiplies B_e by s_e/s_t so the swapped entries carry the reference's update; the published code copies B_e
+    as is (``rescale=False``), which differs only when the two scales do."""
+    ratio = reference.scale / finetuned.scale if rescale else 1.0
     A = finetuned.A
     if mask.A is not None:
         A = torch.where(mask.A, reference.A.to(torch.float32), finetuned.A.to(torch.float32)).to(finetuned.A.dtype)
@@ -124,7 +128,8 @@ def apply_plan(
         if restoration == "neuron":
             modules[name] = restore_neurons(reference, finetuned.modules[name], mask)
         elif restoration == "swap":
-            modules[name] = swap_factors(reference, finetuned.modules[name], mask)
+            modules[name] = swap_factors(reference, finetuned.modules[name], mask,
+                                         rescale=plan.recipe_value("swap_scaling") == "rescaled")
         elif restoration == "module":
             modules[name] = replace_module(reference, finetuned.modules[name])
         else:

@@ -224,7 +224,7 @@ class NLSRPatcher:
         if calibration is None and self._last_patch is not None:
             return self._last_patch
         config = self.config
-        scorer = get_scorer(config.scorer)
+        scorer = get_scorer(config.effective_scorer)  # compat: low_rank runs block by block, as published
         pairs = load_calibration(calibration, limit=config.max_calibration_samples) if scorer.needs else None
         key = fingerprint(pairs) if pairs is not None else None
         cached = self._computed_patches.get(key)
@@ -248,14 +248,16 @@ class NLSRPatcher:
             calibration_meta = {"samples": len(pairs), "response_tokens": tokens, "sha256": key,
                                 "source": "built-in" if calibration is None else type(calibration).__name__}
         metadata = {
-            "scorer": config.scorer, "sparsity_ratio": config.sparsity_ratio, "granularity": config.granularity,
+            "scorer": config.effective_scorer, "mask_rule": config.effective_mask_rule,
+            "sparsity_ratio": config.sparsity_ratio, "granularity": config.granularity,
             "beta": config.beta, "compat": config.compat, "seed": config.seed, "calibration": calibration_meta,
             "inputs": {k: v for k, v in self.inputs.items() if k in ("base", "aligned", "weak", "reference")},
             "reference_source": self._reference_source(),
         }
         patch = build_safety_patch(
-            reference, stats, scorer=config.scorer, sparsity_ratio=config.sparsity_ratio,
+            reference, stats, scorer=config.effective_scorer, sparsity_ratio=config.sparsity_ratio,
             granularity=config.granularity, compat=config.compat, seed=config.seed, metadata=metadata,
+            mask_rule=config.effective_mask_rule,
         )
         self._computed_patches[key] = patch
         self._last_patch = patch

@@ -21,6 +21,10 @@ from .selection import Selection, select_modules
 
 PLAN_NAME = "nlsr_plan.json"
 PLAN_FORMAT = 1
+# What a plan written before the recipe was recorded ran (whatever its `compat`): the config's scorer, top-k
+# masks, draws over sorted names and a rescaled swap.
+LEGACY_RECIPE = {"mask_rule": "top_k", "draw_order": "sorted_names", "swap_scaling": "rescaled"}
+RECIPE_KEYS = ("scorer", "mask_rule", "draw_order", "swap_scaling")
 
 
 @dataclass(frozen=True)
@@ -87,11 +91,23 @@ class RealignmentPlan:
     config: Mapping[str, Any]
     inputs: Mapping[str, Any] = field(default_factory=dict)
     calibration: Mapping[str, Any] = field(default_factory=dict)
+    # the recipe that actually ran: effective scorer, mask rule, draw order and swap scaling (`realignment_recipe`);
+    # empty in plans written before it was recorded, which `recipe_value` reads as `LEGACY_RECIPE`
+    recipe: Mapping[str, Any] = field(default_factory=dict)
     format: int = PLAN_FORMAT
 
     @property
     def scorer(self) -> str:
-        return str(self.config.get("scorer"))
+        """The scorer that found the masks (with `compat`, ``low_rank`` ran as ``low_rank_sequential``)."""
+        return self.recipe_value("scorer")
+
+    def recipe_value(self, key: str) -> str:
+        """One entry of the recipe that ran (`RECIPE_KEYS`); plans without a recorded recipe give the legacy one."""
+        if key not in RECIPE_KEYS:
+            raise ValueError(f"Unknown recipe entry {key!r}; valid entries: {', '.join(RECIPE_KEYS)}.")
+        if key in self.recipe:
+            return str(self.recipe[key])
+        return str(self.config.get("scorer")) if key == "scorer" else LEGACY_RECIPE[key]
 
     @property
     def effective_restoration(self) -> str:
@@ -170,9 +186,13 @@ class RealignmentPlan:
         s = self.summary()
         lines.append(
             f"patched {s['modules_patched']}/{s['modules_total']} modules, {s['neurons_restored']} neurons restored, "
-            f"scorer={self.scorer}, selection={self.config.get('selection')}"
+            f"scorer={self.scorer}, mask_rule={self.recipe_value('mask_rule')}, "
+            f"selection={self.config.get('selection')}{self._draw_note()}"
         )
         return "\n".join(lines)
+
+    def _draw_note(self) -> str:
+        return f" (draw_order={self.recipe_value('draw_order')})" if self.config.get("selection") == "adaptive" else ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -180,6 +200,7 @@ class RealignmentPlan:
             "config": dict(self.config),
             "inputs": dict(self.inputs),
             "calibration": dict(self.calibration),
+            "recipe": dict(self.recipe),
             "summary": self.summary(),
             "modules": [asdict(m) for m in self.modules],
         }
@@ -195,7 +216,8 @@ class RealignmentPlan:
                             "`RealignmentPlan.save`.")
         if data.get("format") != PLAN_FORMAT:
             raise ValueError(f"Unsupported plan format {data.get('format')!r}; this nlsr-hub reads {PLAN_FORMAT}.")
-        for key, kind in (("modules", list), ("config", dict), ("inputs", dict), ("calibration", dict)):
+        for key, kind in (("modules", list), ("config", dict), ("inputs", dict), ("calibration", dict),
+                          ("recipe", dict)):
             if not isinstance(data.get(key, kind()), kind) or (key in ("modules", "config") and key not in data):
                 raise TypeError(f"The plan's `{key}` must be a JSON {'array' if kind is list else 'object'}.")
         modules = tuple(_decision(m) for m in data["modules"])
@@ -203,8 +225,9 @@ class RealignmentPlan:
         if len(set(names)) != len(names):
             raise ValueError(f"The plan names a module twice ({sorted({n for n in names if names.count(n) > 1})}).")
         _check_plan_config(data["config"])
+        _check_recipe(data.get("recipe", {}))
         return cls(modules=modules, config=dict(data["config"]), inputs=dict(data.get("inputs", {})),
-                   calibration=dict(data.get("calibration", {})))
+                   calibration=dict(data.get("calibration", {})), recipe=dict(data.get("recipe", {})))
 
     @classmethod
     def from_json(cls, text: str) -> RealignmentPlan:
@@ -250,6 +273,35 @@ def _check_plan_config(config: dict[str, Any]) -> None:
         raise type(err)(f"The plan's config is invalid: {err}") from None
 
 
+def _check_recipe(recipe: dict[str, Any]) -> None:
+    """A `ValueError` naming the entry unless every recorded recipe entry is known and valid."""
+    from .masks import MASK_RULES
+    from .scoring import SCORERS
+    from .selection import DRAWS
+
+    valid = {"scorer": tuple(SCORERS), "mask_rule": tuple(MASK_RULES), "draw_order": tuple(DRAWS),
+             "swap_scaling": ("rescaled", "unscaled")}
+    for key, value in recipe.items():
+        if key not in valid:
+            raise ValueError(f"The plan's recipe has an unknown entry {key!r}; valid entries: "
+                             f"{', '.join(RECIPE_KEYS)}.")
+        if value not in valid[key]:
+            choices = ", ".join(sorted(valid[key]))
+            raise ValueError(f"The plan's recipe `{key}` is {value!r}; valid values: {choices}.")
+
+
+def realignment_recipe(config: NLSRConfig, patch_metadata: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """What runs for `config`: effective scorer, mask rule, draw order and swap scaling. A safety patch's own
+    metadata wins for the scorer and the mask rule (a supplied patch keeps the masks it was built with; patches
+    that predate the mask rule were built with ``top_k``)."""
+    recipe = {"scorer": config.effective_scorer, "mask_rule": config.effective_mask_rule,
+              "draw_order": config.effective_draw_order, "swap_scaling": config.effective_swap_scaling}
+    if patch_metadata:
+        recipe["scorer"] = str(patch_metadata.get("scorer", recipe["scorer"]))
+        recipe["mask_rule"] = str(patch_metadata.get("mask_rule", LEGACY_RECIPE["mask_rule"]))
+    return recipe
+
+
 def plan_realignment(
     similarities: Mapping[str, float],
     neuron_counts: Mapping[str, tuple[int, int]],
@@ -258,6 +310,7 @@ def plan_realignment(
     inputs: Mapping[str, Any] | None = None,
     calibration: Mapping[str, Any] | None = None,
     selections: Mapping[str, Selection] | None = None,
+    recipe: Mapping[str, str] | None = None,
 ) -> RealignmentPlan:
     """Build the plan from per-module similarities (pure; no weights are touched).
 
@@ -266,6 +319,7 @@ def plan_realignment(
         neuron_counts: module name -> (safety-critical neurons, candidate neurons) of its mask.
         config: the realignment configuration (selection method and its parameters).
         selections: decisions made by the restorer itself (default: `select_modules` on the similarities).
+        recipe: the recipe that ran (default: `realignment_recipe(config)`).
     """
     selections = selections if selections is not None else select_modules(similarities, config)
     decisions = []
@@ -278,7 +332,7 @@ def plan_realignment(
             order=sel.order, patched=sel.patched, keep_probability=sel.keep_probability, draw=sel.draw,
             neurons_restored=restored, neurons_total=total,
         ))
-    return _finish(decisions, config, inputs, calibration)
+    return _finish(decisions, config, inputs, calibration, recipe)
 
 
 def with_outcomes(plan: RealignmentPlan, ranks: Mapping[str, int], errors: Mapping[str, float]) -> RealignmentPlan:
@@ -288,8 +342,8 @@ def with_outcomes(plan: RealignmentPlan, ranks: Mapping[str, int], errors: Mappi
 
 
 def _finish(decisions: list[ModuleDecision], config: NLSRConfig, inputs: Mapping[str, Any] | None,
-            calibration: Mapping[str, Any] | None) -> RealignmentPlan:
+            calibration: Mapping[str, Any] | None, recipe: Mapping[str, str] | None = None) -> RealignmentPlan:
     return RealignmentPlan(
         modules=tuple(decisions), config=config.to_dict(), inputs=dict(inputs or {}),
-        calibration=dict(calibration or {}),
+        calibration=dict(calibration or {}), recipe=dict(recipe if recipe is not None else realignment_recipe(config)),
     )

@@ -27,7 +27,7 @@ from .io import (
     check_readable_file,
     read_text_file,
 )
-from .masks import ModuleMask, mask_from_scores
+from .masks import MASK_RULES, ModuleMask, mask_from_scores
 from .scoring import ModuleStats, get_scorer
 
 PATCH_WEIGHTS_NAME = "nlsr_safety_patch.safetensors"
@@ -231,16 +231,20 @@ def build_safety_patch(
     compat: bool = False,
     seed: int = 0,
     metadata: Mapping[str, Any] | None = None,
+    mask_rule: str = "top_k",
 ) -> SafetyPatch:
-    """Score every reference module and keep its safety-critical neurons (pure given the statistics)."""
-    spec = get_scorer(scorer)
+    """Score every reference module and keep its safety-critical neurons by `mask_rule` (`MASK_RULES`; a rule
+    with ``factor_dtype`` compares the scores rounded to each factor's dtype). Pure given the statistics."""
+    spec, rule = get_scorer(scorer), MASK_RULES.lookup(mask_rule)
     masks = {}
     for name, module in reference.modules.items():
         module_stats = stats.get(name) if stats is not None else None
         score_A, score_B = spec.fn(
             module, module_stats, sparsity_ratio=sparsity_ratio, compat=compat, seed=seed, module_name=name
         )
-        masks[name] = mask_from_scores(score_A, score_B, sparsity_ratio, granularity)
+        if rule.factor_dtype:
+            score_A, score_B = score_A.to(module.A.dtype), score_B.to(module.B.dtype)
+        masks[name] = mask_from_scores(score_A, score_B, sparsity_ratio, granularity, mask_rule)
     norms = {name: s.input_sq.clamp_min(0).sqrt().to(torch.float32) for name, s in (stats or {}).items()
              if s.input_sq is not None}
     if set(norms) != set(reference.modules):

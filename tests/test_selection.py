@@ -102,8 +102,8 @@ def test_compat_selection_inverts_the_draw(scored, trio):
     undamaged = [n for n in scored[0] if n not in trio.damaged]
     rates = patch_rates(scored, range(MANY_SEEDS), compat=True)
     assert max(rates[n] for n in trio.damaged) < min(rates[n] for n in undamaged)
-    for seed in (0, 1, 2):
-        paper, compat = replan(scored, seed=seed), replan(scored, seed=seed, compat=True)
+    for seed in (0, 1, 2):  # compat draws in the published order (tests/test_compat.py pins that order)
+        paper, compat = replan(scored, seed=seed, draw_order="layer_major"), replan(scored, seed=seed, compat=True)
         for a, b in zip(paper.modules, compat.modules, strict=True):
             assert a.draw == b.draw and a.patched != b.patched  # same draws, opposite decision
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..config import NLSRConfig
 from ..patch import apply_plan, check_compatible, neuron_counts, similarities
-from ..plan import plan_realignment
+from ..plan import plan_realignment, realignment_recipe
 from . import RestoreInputs, register_restorer
 
 
@@ -18,5 +18,5 @@ def restore_nlsr(inputs: RestoreInputs, config: NLSRConfig, *, build: bool = Tru
     restoration = config.effective_restoration
     check_compatible(patch, target, restoration=restoration)
     plan = plan_realignment(similarities(patch, target), neuron_counts(patch), config, inputs=inputs.lineage,
-                            calibration=inputs.calibration)
+                            calibration=inputs.calibration, recipe=realignment_recipe(config, patch.metadata))
     return plan, (apply_plan(target, patch, plan, restoration=restoration, checked=True) if build else None)
