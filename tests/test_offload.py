@@ -79,3 +79,16 @@ def test_cli_patch_with_max_memory_equals_the_patch_without(trio, tmp_path):
         assert torch.equal(offloaded.masks[name].B, mask.B), name
         assert torch.allclose(offloaded.input_norms[name], whole.input_norms[name], rtol=1e-6), name
     assert main([*common, "--max-memory", "cpu:1GB", "--output", str(tmp_path / "bad")]) == 2
+
+
+def test_full_finetune_input_norms_are_the_same_offloaded(trio, load_base, tokenizer, tmp_path):
+    """The full-fine-tune calibration pass (pre-hooks on the linear modules) also runs on an offloaded model."""
+    from nlsr_hub.calibration import default_calibration
+    from nlsr_hub.dense_norms import dense_input_norms
+
+    pairs, names = default_calibration()[:8], sorted(load_adapter(trio.aligned).modules)
+    model, _ = load_offloaded(trio.base, max_memory=forced_limits(trio)["disk"], offload_folder=tmp_path / "off")
+    got, tokens = dense_input_norms(model, tokenizer, pairs, names, batch_size=4, progress=False)
+    want, want_tokens = dense_input_norms(load_base(), tokenizer, pairs, names, batch_size=4, progress=False)
+    assert tokens == want_tokens
+    assert all(torch.allclose(got[n], want[n], rtol=1e-6) for n in names)
