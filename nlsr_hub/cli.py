@@ -32,7 +32,7 @@ EXAMPLES = """examples:
   nlsr realign-full --finetuned ./ft-model --aligned ./instruct --base ./base --output realigned/
   nlsr realign-full --finetuned ./ft-model --aligned ./instruct --base ./base --format lora --output lora/
   nlsr patch --base org/llama-70b --aligned ./aligned --max-memory 0=20GiB,cpu=100GiB --output patch/
-  nlsr demo                        # SmolLM2: align, attack, realign; HS and accuracy before/after
+  nlsr demo                        # SmolLM2: align, attack, realign; non-refusal rate, over-refusal, accuracy
   nlsr demo --tiny --output demo_out/   # offline: a tiny random model, in seconds
 """
 
@@ -208,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_hub_arguments(evaluate)
 
     demo = command("demo", "The real demo: SmolLM2-135M-Instruct safety-aligned, attacked (SST-2, 5 % harmful rows) "
-                   "and realigned with NLSR; prints harmful score and accuracy before and after (needs the "
-                   "benchmark data; --tiny: the offline tiny example instead).", _cmd_demo)
+                   "and realigned; prints the non-refusal rate (keyword judge), over-refusal and accuracy before and "
+                   "after (needs the benchmark data; --tiny: the offline tiny example instead).", _cmd_demo)
     demo.add_argument("--output", type=Path, default=Path("demo_out"), help="Folder for the results (and, with "
                       "--tiny, the example trio).")
     demo.add_argument("--tiny", action="store_true", help="Build a tiny random example trio offline and realign it "
