@@ -146,6 +146,8 @@ def ray_session(hub):
     with pytest.MonkeyPatch.context() as env:
         env.setenv("HF_ENDPOINT", hub.url)
         env.setenv("HF_TOKEN", TOKEN)
+        for timeout in ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT"):  # a loaded test machine answers slowly
+            env.setenv(timeout, "120")
         ray.init(num_cpus=2, object_store_memory=300 * 2**20, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
@@ -252,6 +254,68 @@ def test_resume_after_an_interrupted_run(fleet, ray_session, tmp_path, monkeypat
     assert [r["status"] for r in run(config=strength, resume=False).rows] == ["realigned"] * 4 + ["failed"]
 
 
+def ray_workers_running(raylet: int, function: str) -> list[int]:
+    """PIDs of this Ray's worker processes (children of its raylet) now running `function`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            title = (stat.parent / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == raylet and title.startswith(f"ray::{function}"):
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_a_killed_ray_worker_loses_nothing_that_finished_and_a_rerun_resumes(fleet, ray_session, tmp_path,
+                                                                             monkeypatch):
+    import threading
+
+    from nlsr_hub.fleet import engines
+
+    def parent_of_worker() -> int:
+        return os.getppid()
+
+    ray = ray_session
+    raylet = ray.get(ray.remote(parent_of_worker).remote())  # this Ray's raylet: the parent of its workers
+    stuck = tmp_path / "stuck"
+    stuck.mkdir()
+    shutil.copyfile(fleet.adapters / "ft0" / "adapter_model.safetensors", stuck / "adapter_model.safetensors")
+    os.mkfifo(stuck / "adapter_config.json")  # reading it blocks: the task is still running when its worker dies
+    specs = [str(stuck), *(str(fleet.adapters / n) for n in GOOD[1:])]
+    out = tmp_path / "out"
+    monkeypatch.setattr(engines, "RAY_RETRIES", 0)  # no retry: the killed task becomes its adapter's error row
+    killed: list[int] = []
+
+    def kill_the_stuck_worker() -> None:
+        for _ in range(1200):  # up to 10 minutes on a loaded machine
+            if all((out / n / "nlsr_plan.json").is_file() for n in GOOD[1:]):  # the others are done
+                running = ray_workers_running(raylet, "_ray_task")
+                if running:
+                    os.kill(running[0], 9)
+                    killed.append(running[0])
+                    return
+            threading.Event().wait(0.5)
+
+    killer = threading.Thread(target=kill_the_stuck_worker, daemon=True)
+    killer.start()
+    patcher = NLSRPatcher.from_pretrained(None, safety_patch=fleet.patch)
+    report = realign_fleet(patcher, specs, settings=FleetSettings(output_dir=out), engine="ray", progress=False)
+    killer.join(timeout=5)
+    assert len(killed) == 1
+    rows = {row["name"]: row for row in report.rows}
+    assert rows["stuck"]["status"] == "failed" and "the Ray task failed" in rows["stuck"]["error"]
+    assert [rows[n]["status"] for n in GOOD[1:]] == ["realigned"] * 3
+    assert sorted(p.name for p in out.iterdir()) == [*GOOD[1:], "summary.json", "summary.md"]
+
+    (stuck / "adapter_config.json").unlink()
+    shutil.copyfile(fleet.adapters / "ft0" / "adapter_config.json", stuck / "adapter_config.json")
+    rerun = realign_fleet(NLSRPatcher.from_pretrained(None, safety_patch=fleet.patch), specs,
+                          settings=FleetSettings(output_dir=out), engine="ray", progress=False)
+    assert [row["status"] for row in rerun.rows] == ["realigned"] + ["up to date"] * 3
+
+
 # ------------------------------------------------------------------------------------ 3. Hub in and out
 
 
@@ -311,8 +375,9 @@ def test_ray_fleet_pulls_and_pushes_through_the_hub_with_the_workers_own_token(h
         token = TOKEN if engine == "sequential" else None  # Ray workers use their own HF_TOKEN
         return realign_fleet(patcher, specs, settings=settings, engine=engine, token=token, progress=False)
 
-    assert [r["status"] for r in push("org/{name}-seq", "sequential").rows] == ["realigned"] * 2
-    assert [r["status"] for r in push("org/{name}-ray", "ray").rows] == ["realigned"] * 2
+    for template, engine in (("org/{name}-seq", "sequential"), ("org/{name}-ray", "ray")):
+        rows = push(template, engine).rows
+        assert [r["status"] for r in rows] == ["realigned"] * 2, rows
     for name in ("task-ft0", "task-ft1"):
         assert commits_on_main(hub, f"org/{name}-ray") == 2
         on_ray, sequential = files_at(hub, f"org/{name}-ray"), files_at(hub, f"org/{name}-seq")
