@@ -213,10 +213,10 @@ def realign_one(target: FleetTarget, shared: FleetShared, settings: FleetSetting
         lineage = input_lineage(resolved)
         if settings.resume and not settings.dry_run:
             summary = up_to_date(target, shared, settings, lineage)
-            if summary is not None:
+            if summary is not None:  # the earlier result stands: its folder, or the commit / PR it was pushed as
+                output = (target.previous or {}).get("output") if settings.push_to else destination(target, settings)
                 return make_row(target, settings, UP_TO_DATE, seconds=time.perf_counter() - start, summary=summary,
-                                lineage=lineage, output=(target.previous or {}).get("output") if settings.push_to
-                                else destination(target, settings))
+                                lineage=lineage, output=output)
         adapter = load_adapter(resolved.local_path, allow_pickle=settings.allow_pickle)
         patcher = NLSRPatcher(safety_patch=shared.patch, aligned=shared.aligned, config=shared.config,
                               inputs=shared.inputs, strict_base=settings.strict_base)
