@@ -45,6 +45,7 @@ from .dense_restore import (
     realigned_weight,
 )
 from .plan import PLAN_NAME, RealignmentPlan, plan_realignment, with_outcomes
+from .result import RealignmentResult
 from .selection import Selection, similarity_order
 from .similarity import naming_module
 
@@ -329,7 +330,7 @@ def realign_full_finetune(
     """
     from .io import check_output_folder
     from .offload import parse_max_memory
-    from .result import RESULT_FILES, RealignmentResult
+    from .result import RESULT_FILES
 
     config = config if config is not None else NLSRConfig.preset("default")
     _check_call(config, output_format, max_rank, output, dry_run, base is not None)
@@ -365,8 +366,26 @@ def realign_full_finetune(
         logger.warning("%d tensor(s) outside the target modules differ from the %s checkpoint and are not in the LoRA "
                        "(e.g. %s); use output_format='dense' to keep them", len(lost), base_role, next(iter(lost)))
     plan = _with_lost(plan, lost)
-    RealignmentResult(plan=plan, adapter=adapter, config=config).save_pretrained(output)
+    StreamedResult(plan=plan, adapter=adapter, config=config).save_pretrained(output)
     return FullFinetuneResult(plan, Path(output), output_format)
+
+
+class StreamedResult(RealignmentResult):
+    """A `RealignmentResult` whose adapter weights are streamed into the file tensor by tensor (no serialised copy of
+    an extracted LoRA, which for a large model and rank is the biggest thing in memory)."""
+
+    def _write_adapter(self, directory: Path) -> None:
+        import json
+
+        from .adapters import CONFIG_NAME, WEIGHTS_NAME, adapter_config_for, adapter_state_dict, check_finite
+        from .dense_checkpoint import TensorInfo
+        from .io import atomic_write_text
+
+        check_finite(self.adapter, "the adapter to save")
+        state = adapter_state_dict(self.adapter)
+        write_shard(directory / WEIGHTS_NAME, {k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in state.items()},
+                    state.__getitem__)
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(adapter_config_for(self.adapter), indent=2) + "\n")
 
 
 def _with_lost(plan: RealignmentPlan, lost: Mapping[str, float | None]) -> RealignmentPlan:

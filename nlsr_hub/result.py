@@ -87,12 +87,16 @@ class RealignmentResult(PushToHubMixin):
         check_not_an_input(save_directory, lineage_paths(dict(self.plan.inputs)), flag="save_directory")
         card = str(self.model_card(repo_id, existing=existing_card))
         with atomic_directory(save_directory, owned=RESULT_FILES, marker=PLAN_NAME) as directory:
-            write_adapter_files(self.adapter, directory)
+            self._write_adapter(directory)
             self.plan.save(directory / PLAN_NAME)
             atomic_write_text(directory / CONFIG_FILE_NAME, self.config.to_json())
             atomic_write_bytes(directory / PLOT_NAME, similarity_heatmap_png(self.plan))
             atomic_write_text(directory / "README.md", card)
         return Path(save_directory)
+
+    def _write_adapter(self, directory: Path) -> None:
+        """Write the adapter's two PEFT files into `directory` (a hook: a subclass may stream them)."""
+        write_adapter_files(self.adapter, directory)
 
     def _write_for_hub(self, folder: Path, repo_id: str, existing: Any | None) -> None:
         self.save_pretrained(folder, repo_id=repo_id, existing_card=existing)
