@@ -280,3 +280,19 @@ def test_compat_realignment_runs_the_published_recipe(trio):
     for mask in result.safety_patch.masks.values():  # never more than N - int(N·P_SR) - 1 entries per factor
         for part in (mask.A, mask.B):
             assert int(part.sum()) <= part.numel() - int(part.numel() * 0.8) - 1
+
+
+def test_dense_restorers_record_the_top_k_masks_they_apply():
+    """The dense restorers mask the dense update with top-k whatever `mask_rule` says; the plan says so."""
+    from nlsr_hub.restorers import RestoreInputs, restore
+
+    g = torch.Generator().manual_seed(5)
+    names = HAND_ORDER[:2]
+    reference = LoraAdapter({n: LoraModule(torch.randn(2, 6, generator=g), torch.randn(4, 2, generator=g), 1.0)
+                             for n in names}, {})
+    finetuned = LoraAdapter({n: LoraModule(m.A + 0.1, m.B, 1.0) for n, m in reference.modules.items()}, {})
+    masks = {n: ModuleMask(A=torch.ones(2, 6, dtype=torch.bool), B=torch.ones(4, 2, dtype=torch.bool)) for n in names}
+    patch = SafetyPatch(reference=reference, masks=masks, input_norms={n: torch.ones(6) for n in names})
+    config = NLSRConfig(restorer="nlsr-addback", compat=True, selection="fraction", fraction=1.0)
+    plan, _ = restore(RestoreInputs(finetuned=finetuned, patch=patch), config, build=False)
+    assert plan.recipe_value("mask_rule") == "top_k" and plan.recipe_value("draw_order") == "layer_major"

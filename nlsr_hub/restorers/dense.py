@@ -25,7 +25,7 @@ from ..adapters import LoraAdapter, LoraModule
 from ..config import NLSRConfig
 from ..lowrank import add_dense, combine, row_masked
 from ..masks import top_fraction_mask
-from ..plan import plan_realignment, with_outcomes
+from ..plan import plan_realignment, realignment_recipe, with_outcomes
 from ..similarity import NonFiniteError, naming_module
 from . import RestoreInputs, register_restorer
 
@@ -109,7 +109,9 @@ def _restore_dense(inputs: RestoreInputs, config: NLSRConfig, build: bool, opera
         counts[name] = _mask_counts(mask, reference.shape)
         if mask.ndim == 1:  # row masks are d_out bools: kept for the build; element masks are recomputed there
             rows[name] = mask
-    plan = plan_realignment(sims, counts, config, inputs=inputs.lineage, calibration=inputs.calibration)
+    recipe = {**realignment_recipe(config), "mask_rule": "top_k"}  # its masks on the dense update are always top-k
+    plan = plan_realignment(sims, counts, config, inputs=inputs.lineage, calibration=inputs.calibration,
+                            recipe=recipe)
     if not build:
         return plan, None
     modules, ranks, errors = dict(target.modules), {}, {}
