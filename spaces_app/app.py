@@ -135,7 +135,8 @@ def build_demo() -> gr.Blocks:
                     "realigned by the default restorer.")
         note = gr.Markdown(elem_id="note")
         with gr.Row():
-            measured = gr.BarPlot(label="Measured before / after (%)", elem_id="measured", **CHART)
+            measured = gr.BarPlot(label="Measured before / after (%): non-refusal on harmful prompts (keyword judge), "
+                                  "over-refusal on harmless prompts, SST-2 accuracy", elem_id="measured", **CHART)
             examples = gr.Markdown(elem_id="examples")
         measured_table = gr.Markdown(elem_id="measured_table")
         gr.Markdown("## Realign")
@@ -184,7 +185,8 @@ def build_demo() -> gr.Blocks:
         with gr.Row():
             evaluate_button = gr.Button("Evaluate before / after", elem_id="evaluate")
             evaluate_error = _error_box("evaluate_error")
-        chart = gr.BarPlot(label="Before / after (%)", elem_id="chart", **CHART)
+        chart = gr.BarPlot(label="Before / after (%): non-refusal on your harmful prompts, over-refusal on your "
+                           "harmless ones", elem_id="chart", **CHART)
         scores = gr.Markdown(elem_id="scores")
         gr.Markdown("## Push to the Hub\nThe token is used for this one upload; it is never logged or stored.")
         with gr.Row():
