@@ -80,6 +80,13 @@ class Checkpoint:
         """One tensor, read alone from its shard (the shard is memory-mapped only while it is read)."""
         return read_tensor(self.folder / self.weight_map[key], key)
 
+    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a tensor (its first dimension), without reading the rest."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.folder / self.weight_map[key]), framework="pt") as handle:
+            return handle.get_slice(key)[start:stop]
+
 
 def read_header(path: Path) -> dict[str, Any]:
     """The JSON header of the safetensors file `path` (tensor entries and ``__metadata__``)."""

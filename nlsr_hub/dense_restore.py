@@ -80,7 +80,7 @@ def module_similarity(weights: ModuleWeights, config: NLSRConfig, mask: torch.Te
 def blockwise_cosine(first: torch.Tensor, second: torch.Tensor, mask: torch.Tensor | None) -> float:
     """``cos_F(M⊙first, M⊙second)`` in float64 (1 when both are zero, 0 when one is), a block of rows at a time, so no
     float64 copy of a whole matrix is made; `mask` is (d_out, d_in), (d_out,) rows, or None (everything)."""
-    rows = max(1, (1 << 20) // max(1, first.shape[1]))
+    rows = max(1, (1 << 18) // max(1, first.shape[1]))  # 256K elements: a few MiB of float64 per block
     dot = first_sq = second_sq = 0.0
     for start in range(0, first.shape[0], rows):
         a, b = first[start:start + rows].to(torch.float64), second[start:start + rows].to(torch.float64)

@@ -224,31 +224,37 @@ def _write_dense(sources: _Sources, plan: RealignmentPlan, config: NLSRConfig,
 
 def _changed_outside(sources: _Sources, reference: Checkpoint) -> dict[str, float | None]:
     """Tensors outside the target modules that differ between the fine-tuned checkpoint and `reference` (the LoRA's
-    base): name -> relative Frobenius change (None: absent from `reference`). Read one tensor at a time."""
+    base): name -> relative Frobenius change (None: absent from `reference` or of another shape). Compared a block
+    of rows at a time, so an embedding is never read whole twice."""
     inside = {f"{m}.weight" for m in sources.modules}
     changed: dict[str, float | None] = {}
     for key in sorted(set(sources.finetuned.tensors) - inside):
-        if key not in reference.tensors:
+        release_freed_memory()
+        info, other = sources.finetuned.tensors[key], reference.tensors.get(key)
+        if other is None or other.shape != info.shape:
             changed[key] = None
             continue
-        release_freed_memory()
-        mine, theirs = sources.finetuned.read(key), reference.read(key)
-        if mine.shape != theirs.shape:
-            changed[key] = None
-        elif not torch.equal(mine, theirs):
-            changed[key] = relative_change(mine, theirs)
+        diff = size = 0.0
+        for block in _row_blocks(info):
+            mine = _read_block(sources.finetuned, key, block).to(torch.float64)
+            theirs = _read_block(reference, key, block).to(torch.float64)
+            diff += float((mine - theirs).square().sum())
+            size += float(theirs.square().sum())
+        if diff > 0.0:
+            changed[key] = (diff / size) ** 0.5 if size > 0 else diff ** 0.5
     return changed
 
 
-def relative_change(new: torch.Tensor, old: torch.Tensor, chunk: int = 1 << 20) -> float:
-    """``‖new − old‖ / ‖old‖`` (``‖new − old‖`` when `old` is zero) in float64, `chunk` elements at a time."""
-    a, b = new.reshape(-1), old.reshape(-1)
-    diff = size = 0.0
-    for start in range(0, a.numel(), chunk):
-        x, y = a[start:start + chunk].to(torch.float64), b[start:start + chunk].to(torch.float64)
-        diff += float((x - y).square().sum())
-        size += float(y.square().sum())
-    return (diff / size) ** 0.5 if size > 0 else diff ** 0.5
+def _row_blocks(info: Any, block_bytes: int = 1 << 20) -> list[range | None]:
+    """Row ranges of about `block_bytes` covering a tensor (`TensorInfo`); ``[None]`` (read whole) for a scalar."""
+    if not info.shape or info.shape[0] == 0:
+        return [None]
+    rows = max(1, block_bytes // max(1, info.nbytes // info.shape[0]))
+    return [range(start, min(start + rows, info.shape[0])) for start in range(0, info.shape[0], rows)]
+
+
+def _read_block(checkpoint: Checkpoint, key: str, block: range | None) -> torch.Tensor:
+    return checkpoint.read(key) if block is None else checkpoint.read_rows(key, block.start, block.stop)
 
 
 def _extract_adapter(sources: _Sources, plan: RealignmentPlan, config: NLSRConfig,
@@ -266,6 +272,7 @@ def _extract_adapter(sources: _Sources, plan: RealignmentPlan, config: NLSRConfi
         update = weights.finetuned.to(torch.float32) - reference.to(torch.float32)
         if fix is not None:
             update += fix
+        del weights, reference, fix  # only the update goes into the SVD
         modules[module], errors[module] = extract_lora(update, config.kept_energy, max_rank)
         ranks[module] = modules[module].rank
     rank = min(r for r, n in Counter(ranks.values()).items() if n == max(Counter(ranks.values()).values()))
