@@ -216,6 +216,16 @@ class NLSRConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def cache_key(self) -> dict[str, Any]:
+        """The config as it names a computation in a cache: `to_dict` without the fields added after cached results
+        existed (`LATER_FIELDS`) while they hold their default, which reproduces what ran before they existed. A
+        result cached before a field was added is therefore found again; any other value of it makes a new key."""
+        data = self.to_dict()
+        for name in LATER_FIELDS:
+            if data[name] == _DEFAULTS[name]:
+                del data[name]
+        return data
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NLSRConfig:
         """A config from ``{field: value}``; unknown fields, wrong types and out-of-range values are refused."""
@@ -286,3 +296,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"restorer": "nlsr", "beta": 0.9, "scorer": "low_rank", "sparsity_ratio": 0.8, "granularity": "element",
               "selection": "adaptive", "prune_ratio": 0.5, "epsilon": 0.2, "restoration": "neuron"},
 }
+
+#: Fields added after results were cached under `NLSRConfig.cache_key`; each one's default reproduces what ran
+#: before it existed (issue #21: the `auto` rules resolve to the paper's, the old behaviour, unless `compat`).
+LATER_FIELDS: tuple[str, ...] = ("mask_rule", "draw_order", "swap_scaling")
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(NLSRConfig)}

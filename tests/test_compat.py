@@ -71,6 +71,19 @@ def test_unknown_part_names_the_field_and_its_values(field):
         NLSRConfig(**{field: "nope"})
 
 
+def test_cache_key_keeps_results_cached_before_the_recipe_fields_existed():
+    # the realign stage key of a cached head-to-head point, written before mask_rule/draw_order/swap_scaling
+    before = {"restorer": "nlsr-addback", "granularity": "row", "selection": "fraction", "fraction": 1.0,
+              "strength": 1.0}
+    key = NLSRConfig(**before).cache_key()
+    assert not {"mask_rule", "draw_order", "swap_scaling"} & set(key)
+    assert set(NLSRConfig().to_dict()) - set(key) == {"mask_rule", "draw_order", "swap_scaling"}
+    assert {k: key[k] for k in before} == before
+    for field, value in [("mask_rule", "top_k"), ("draw_order", "layer_major"), ("swap_scaling", "rescaled")]:
+        changed = NLSRConfig(**before, **{field: value}).cache_key()
+        assert changed[field] == value and changed != key
+
+
 def test_config_choices_are_the_registries():
     assert set(MASK_RULE_CHOICES) == {"auto", *MASK_RULES}
     assert set(DRAW_ORDERS) == {"auto", *DRAWS}

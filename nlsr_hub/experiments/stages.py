@@ -263,7 +263,7 @@ def realign(ctx: Context, method: str, name: str, config: NLSRConfig, aligned: M
 
     needs_patch = get_restorer(config.restorer).needs == "patch"
     rows, calib_key = calibration
-    key = {"aligned": aligned.key, "config": config.to_dict(), "targets": [t.key for t in targets.values()],
+    key = {"aligned": aligned.key, "config": config.cache_key(), "targets": [t.key for t in targets.values()],
            "calibration_passed": 2, **({"calibration": calib_key} if needs_patch else {})}
 
     def run(folder: Path) -> None:
