@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-reference", action="store_true", help="skip evaluating the EXPO reference itself")
     parser.add_argument("--max-points", type=_max_points, help="run only the first N points per pair (in their "
                         "priority order; the rest are listed as not run): N, or per pair as sft=11,dpo=7")
+    parser.add_argument("--first", default="", help="point labels to run first, before the preset order (a "
+                        "';' list, e.g. 'addback strength=1;reference (EXPO)'); with --max-points it picks the points")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.threads > 0:
@@ -49,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = dataclasses.replace(HeadToHeadSettings(), methods=tuple(m.strip() for m in args.methods.split(",")),
                                    evaluate_reference=not args.no_reference, max_points=args.max_points)
+    first = tuple(label.strip() for label in args.first.split(";") if label.strip())
+    settings = dataclasses.replace(settings, first=first + tuple(x for x in settings.first if x not in first))
     command = "python benchmarks/restorers.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
     def show(row: dict) -> None:

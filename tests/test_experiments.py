@@ -355,6 +355,11 @@ def test_head_to_head_on_the_tiny_pair(fake_data, tmp_path):
     assert "Bar" in (tmp_path / "out" / "results.md").read_text()
     again = run_head_to_head(settings, out=tmp_path / "again", **kwargs)
     assert [strip(r) for r in again["rows"]] == [strip(r) for r in results["rows"]]
+    # `first` can pull the reference forward, and --max-points then picks exactly the points named first
+    picked = dataclasses.replace(settings, first=("reference (EXPO)", "addback strength=1"), max_points=4)
+    picked_rows = run_head_to_head(picked, out=tmp_path / "picked", **kwargs)["rows"]
+    assert [r["point"] for r in picked_rows] == ["fine-tuned", "default", "reference (EXPO)", "addback strength=1"]
+    assert strip(picked_rows[2]) == strip(rows["reference (EXPO)"])
 
 
 def strip(row: dict) -> dict:

@@ -68,6 +68,8 @@ FIRST = ("nlsr (paper) prune_ratio=0.5", "addback strength=1", "nlsr-addback (ro
          "nlsr-addback (rows) strength=1", "nlsr-dense (rows) fraction=1", "nlsr-addback (rows) strength=1.5",
          "safelora fraction=0.5", "interpolate strength=0.5", "addback strength=1.25")
 
+REFERENCE_POINT = "reference (EXPO)"
+
 HEAD_TO_HEAD_EVAL = EvalSettings(advbench=None, beavertails=None, harmless=100, hs_new_tokens=40, fa={"sst2": None},
                                  batch_size=32)
 
@@ -128,13 +130,13 @@ def _points(settings: HeadToHeadSettings, pair: GridSettings, fixed: _Pair) -> l
     """(label, config or None, model or None) of every point, in the order they run."""
     points: list[tuple[str, Any, Any]] = [("fine-tuned", None, fixed.target)]
     points += [("default", NLSRConfig.preset("default", seed=pair.seed, **pair.nlsr), None)]
-    swept = round_robin(settings.sweeps, pair.seed, pair.nlsr)
+    rest: list[tuple[str, Any, Any]] = [(label, config, None) for label, config in
+                                        round_robin(settings.sweeps, pair.seed, pair.nlsr)]
+    if settings.evaluate_reference:  # the ceiling of what a transplant can restore: last unless in `first`
+        rest.append((REFERENCE_POINT, None, fixed.ref))
     rank = {label: i for i, label in enumerate(settings.first)}
-    swept.sort(key=lambda point: rank.get(point[0], len(rank)))  # stable: the round-robin order after `first`
-    points += [(label, config, None) for label, config in swept]
-    if settings.evaluate_reference:  # the ceiling of what a transplant can restore: last, it teaches least
-        points.append(("reference (EXPO)", None, fixed.ref))
-    return points
+    rest.sort(key=lambda point: rank.get(point[0], len(rank)))  # stable: the round-robin order after `first`
+    return points + rest
 
 
 def _run_point(ctx: Context, eval_data: Any, fixed: _Pair, label: str, config: NLSRConfig | None, model: Any,

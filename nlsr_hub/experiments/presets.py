@@ -20,6 +20,8 @@ DEMO = GridSettings(
     preset="demo", focus_only=True, other_tasks=(), scorers=(), ablations=(), evaluate_safelora=False,
     evaluate_base=False, evaluate_reference=False,
     align_refusals=150, align_harmless=150, attack_n={"sst2": 200}, calibration_prompts=80,
+    # the preference pair of the restorers' head-to-head (DPO on the SFT-merged model): 150 + 150 pairs, 38 steps
+    align_preferences=150, preference=TrainSettings(lr=1e-4, epochs=1, max_length=192, beta=0.1),
     eval=EvalSettings(advbench=30, beavertails=30, harmless=20, hs_new_tokens=32, fa={"sst2": 100}),
 )
 
