@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,50 @@ def lineage_paths(inputs: Any) -> dict[str, str]:
     return paths
 
 
+class HubUnreachable(ValueError):
+    """A file is not in the local Hub cache and the Hub could not be asked (offline mode, no network)."""
+
+
+@contextmanager
+def _hub_errors(repo_id: str, revision: str | None, where: str, *, entry_missing: str,
+                repo_type: str = "model") -> Iterator[None]:
+    """Turn huggingface_hub's download errors into one-line `ValueError`s naming `where` and the fix (the one place
+    `resolve` and `fetch_file` map them); `HubUnreachable` when the file is not cached and the Hub could not be
+    asked. `entry_missing` finishes the message for a repo that lacks the requested files."""
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    kind = "Repository" if repo_type == "model" else f"The {repo_type} repository"
+    try:
+        yield
+    except GatedRepoError:  # a subclass of RepositoryNotFoundError: must come first
+        raise ValueError(f"{repo_id} is gated: accept its terms on the Hub and pass a `token`.") from None
+    except RepositoryNotFoundError:
+        raise ValueError(f"{kind} {repo_id!r} was not found on the Hub (or it is private: pass `token`). "
+                         "Check the repo id.") from None
+    except RevisionNotFoundError:
+        raise ValueError(f"Revision {revision or 'main'!r} does not exist in {repo_id}; check the branch, tag or "
+                         "commit.") from None
+    except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: must come first
+        raise HubUnreachable(
+            f"{where} is not in the local Hub cache and could not be downloaded (offline mode, "
+            "`local_files_only=True`, or the Hub cannot be reached); download it once while online."
+        ) from None
+    except EntryNotFoundError:
+        raise ValueError(f"{where} {entry_missing}.") from None
+    except HfHubHTTPError as err:
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise ValueError(f"The Hub refused access to {repo_id} ({status}): pass a valid `token`.") from None
+        raise ValueError(f"Downloading {where} failed ({status}): {_one_line(err)}") from None
+
+
 def resolve(
     spec: str | Path,
     *,
@@ -74,46 +119,15 @@ def resolve(
     if ref.path is not None:
         return ResolvedInput(spec=ref.spec, local_path=ref.path)
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
 
     prefix = f"{ref.subfolder}/" if ref.subfolder else ""
     allow = [prefix + p for p in (patterns if patterns is not None else files)]
     where = f"{ref.repo_id}@{ref.revision or 'main'}"
-    try:
+    with _hub_errors(ref.repo_id, ref.revision, where, entry_missing=f"lacks the files {list(files)}"):
         snapshot = Path(snapshot_download(
             ref.repo_id, revision=ref.revision, allow_patterns=allow, token=token, cache_dir=cache_dir,
             local_files_only=local_files_only, force_download=force_download,
         ))
-    except GatedRepoError:
-        raise ValueError(f"{ref.repo_id} is gated: accept its terms on the Hub and pass a `token`.") from None
-    except RepositoryNotFoundError:
-        raise ValueError(
-            f"Repository {ref.repo_id!r} was not found on the Hub (or it is private: pass `token`). "
-            "Check the repo id."
-        ) from None
-    except RevisionNotFoundError:
-        raise ValueError(
-            f"Revision {ref.revision!r} does not exist in {ref.repo_id}; check the branch, tag or commit."
-        ) from None
-    except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: must come first
-        raise ValueError(
-            f"{where} is not in the local Hub cache and could not be downloaded (offline mode, "
-            "`local_files_only=True`, or the Hub cannot be reached); download it once while online."
-        ) from None
-    except EntryNotFoundError:
-        raise ValueError(f"{where} lacks the files {list(files)}.") from None
-    except HfHubHTTPError as err:
-        status = getattr(getattr(err, "response", None), "status_code", None)
-        if status in (401, 403):
-            raise ValueError(f"The Hub refused access to {ref.repo_id} ({status}): pass a valid `token`.") from None
-        raise ValueError(f"Downloading {where} failed: {err}") from None
     local = _inside_snapshot(snapshot, ref)
     missing = [f for f in files if not (local / f).is_file()]
     if missing and patterns is None:
@@ -256,10 +270,6 @@ def list_adapter_repos(prefix: str, *, token: str | bool | None = None) -> list[
     return sorted(set(found))
 
 
-class HubUnreachable(ValueError):
-    """A file is not in the local Hub cache and the Hub could not be asked (offline mode, no network)."""
-
-
 @dataclass(frozen=True)
 class FetchedFile:
     """One file downloaded from a Hub repo into the Hugging Face cache, with the commit it came from."""
@@ -280,34 +290,11 @@ def fetch_file(repo_id: str, filename: str, *, repo_type: str = "dataset", revis
     Honours `revision`, `token`, `cache_dir`, `local_files_only` and ``HF_HUB_OFFLINE`` (a filled cache is enough
     offline). Raises a `ValueError` naming the repo, the file and why it could not be had."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
 
     where = f"{repo_type} {repo_id}@{revision or 'main'}:{filename}"
-    try:
+    with _hub_errors(repo_id, revision, where, entry_missing="has no such file", repo_type=repo_type):
         path = Path(hf_hub_download(repo_id, filename, repo_type=repo_type, revision=revision, token=token,
                                     cache_dir=cache_dir, local_files_only=local_files_only))
-    except GatedRepoError:
-        raise ValueError(f"{where} is gated: accept its terms on the Hub and pass a `token`.") from None
-    except RepositoryNotFoundError:
-        raise ValueError(f"{where}: the repository was not found on the Hub (or it is private: pass `token`)."
-                         ) from None
-    except RevisionNotFoundError:
-        raise ValueError(f"{where}: the revision does not exist; check the branch, tag or commit.") from None
-    except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: must come first
-        raise HubUnreachable(f"{where} is not in the local Hub cache and could not be downloaded (offline mode, "
-                             "`local_files_only=True`, or the Hub cannot be reached).") from None
-    except EntryNotFoundError:
-        raise ValueError(f"{where}: the repository has no such file.") from None
-    except HfHubHTTPError as err:
-        status = getattr(getattr(err, "response", None), "status_code", None)
-        raise ValueError(f"Downloading {where} failed ({status}): {_one_line(err)}") from None
     depth = len(Path(filename).parts)
     return FetchedFile(path=path, repo_id=repo_id, filename=filename, revision=revision or "main",
                        commit=path.parents[depth - 1].name, repo_type=repo_type)
