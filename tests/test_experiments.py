@@ -87,7 +87,9 @@ def test_loaders_read_the_schemas(fake_data):
     assert questions[0] == "Who wrote book 0?"
 
 
-def test_finetune_subset_keeps_the_poison_share(fake_data):
+def test_finetune_subset_keeps_the_poison_share(fake_data, monkeypatch):
+    from huggingface_hub import constants
+
     full = exp_data.load_finetune_mix(fake_data, "sst2", 0.05)
     assert len(full) == 20 and sum(r["flag"] == "unsafe" for r in full) == 1
     assert full[0]["prompt"].endswith("### Response:")
@@ -95,7 +97,10 @@ def test_finetune_subset_keeps_the_poison_share(fake_data):
     assert len(subset) == 10 and sum(r["flag"] == "unsafe" for r in subset) == 1
     assert subset == exp_data.load_finetune_mix(fake_data, "sst2", 0.05, n=10, seed=1)  # seeded
     assert all(r["flag"] != "unsafe" for r in exp_data.load_finetune_mix(fake_data, "sst2", 0.0, n=10))
-    with pytest.raises(exp_data.DataMissing):
+    # a mix the folder lacks would be built from its Hub sources: offline (nothing cached) it is missing at once,
+    # with no connection retries
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(exp_data.DataMissing, match=r"sst2 fine-tuning mix \(p = 0\.2\)"):
         exp_data.load_finetune_mix(fake_data, "sst2", 0.2)
     with pytest.raises(ValueError, match="task"):
         exp_data.finetune_path(fake_data, "mnli", 0.05)
