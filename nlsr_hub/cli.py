@@ -472,7 +472,7 @@ def _cmd_webhook(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     if not args.tiny:
         try:
-            import gguf  # noqa: F401  (the model ships as GGUF; these fail early without the `train` extra)
+            import gguf  # noqa: F401  (the fallback model ships as GGUF; these fail early without the `train` extra)
             import trl  # noqa: F401
 
             from .experiments import DataMissing, run_demo, stage_log
@@ -499,7 +499,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 _, text = run_demo(out=args.output, data=args.data, cache=args.cache, progress=not args.no_progress,
                                    command=" ".join(["nlsr demo", *output, *flags]))
             except DataMissing as err:
-                print(f"nlsr demo: benchmark data missing: {err}", file=sys.stderr)
+                print(f"nlsr demo: {err.what} missing: {err}", file=sys.stderr)
                 return 2
         print(text)
         if args.export is not None:

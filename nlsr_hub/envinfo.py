@@ -1,5 +1,5 @@
 """`nlsr env`: what a bug report needs (like ``accelerate env``): versions, the device, the training precision
-this machine would get and why, the cache folders, and where each benchmark data set resolves."""
+this machine would get and why, the cache folders, and where the model and each benchmark data set resolve."""
 
 from __future__ import annotations
 
@@ -67,12 +67,22 @@ def data_info(data: str | Path | None = None) -> dict[str, Any]:
     return data_sources(data)
 
 
+def model_info() -> str:
+    """Where the experiments' base model resolves: ``$NLSR_MODEL``'s folder, else the pinned Hub source (cached or
+    not), else the registry wheel."""
+    try:
+        from .experiments.smollm import describe_model
+    except ImportError as err:
+        return f"the experiments need the `train` extra ({err})"
+    return describe_model()
+
+
 def environment(data: str | Path | None = None) -> dict[str, Any]:
     """Everything `nlsr env` prints, as a dict (JSON-able)."""
     device = device_info()
     return {"platform": platform.platform(), "python": platform.python_version(), "packages": package_versions(),
             "device": device, "training_precision": precision_info(device), "caches": cache_info(),
-            "data": data_info(data)}
+            "model": model_info(), "data": data_info(data)}
 
 
 def format_environment(info: dict[str, Any]) -> str:
@@ -85,7 +95,8 @@ def format_environment(info: dict[str, Any]) -> str:
              f"- CPU: {device['cpu']}, {device['cores']} cores (torch threads {device['torch_threads']}); {features}",
              f"- GPU: {device['cuda'] or 'none'}" + (f" (bf16: {device['cuda_bf16']})" if device["cuda"] else ""),
              f"- training precision: {'bf16' if precision['bf16'] else 'fp32'} ({precision['reason']})",
-             *(f"- {name}: {value}" for name, value in info["caches"].items())]
+             *(f"- {name}: {value}" for name, value in info["caches"].items()),
+             f"- model (SmolLM2-135M-Instruct): {info['model']}"]
     data = info["data"]
     if "error" in data:
         lines.append(f"- data: {data['error']}")

@@ -229,6 +229,8 @@ def test_grid_tiny_end_to_end_and_cached(fake_data, tmp_path):
         elif row.get("patched"):
             assert row["eval_dir"] != finetuned_eval[(row["task"], row["p"])]
     assert results["sizes"]["harmful_eval"] == {"advbench": 3, "beavertails": 3}
+    assert results["model_source"] == {"origin": "built", "model": "tiny", "seed": 0}  # where the base model came from
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["model_source"] == results["model_source"]
     for name in ("results.json", "results.md", "sft_hs_vs_p.png", "sft_variants_p0.05.png"):
         assert (tmp_path / "out" / name).is_file()
     assert "sst2 p=0.05" in (tmp_path / "out" / "results.md").read_text()
@@ -286,10 +288,14 @@ def test_cli_demo_tiny_runs_offline(tmp_path, capsys):
     assert (tmp_path / "demo" / "realigned" / "adapter_model.safetensors").is_file()
 
 
-def test_cli_demo_without_data_fails_before_downloading_anything(tmp_path, capsys):
+def test_cli_demo_without_data_fails_before_downloading_anything(tmp_path, capsys, monkeypatch):
     import logging
 
+    from huggingface_hub.utils import _http
+
     from nlsr_hub.cli import main
+
+    monkeypatch.setattr(_http.time, "sleep", lambda seconds: None)  # the client's retry back-off on the absent Hub
 
     (tmp_path / "data").mkdir()
     root_handlers, package = list(logging.getLogger().handlers), logging.getLogger("nlsr_hub")

@@ -83,7 +83,7 @@ def _run(args: argparse.Namespace, settings: Any, out: Path, command: str) -> in
         run_grid(settings, out=out, data=args.data, cache=args.cache, progress=not args.no_progress,
                  command=command)
     except DataMissing as err:
-        print(f"nlsr experiments: benchmark data missing: {err}", file=sys.stderr)
+        print(f"nlsr experiments: {err.what} missing: {err}", file=sys.stderr)
         return 2
     print((out / "results.md").read_text(encoding="utf-8"))
     print(f"results written to {out} in {time.perf_counter() - started:.0f} s")

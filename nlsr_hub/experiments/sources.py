@@ -39,6 +39,8 @@ ACCESS_FIX = "or allow Hub access (unset HF_HUB_OFFLINE; check the network or `H
 class DataMissing(FileNotFoundError):
     """A data set has neither a local file nor a reachable source; callers skip the stage that needs it."""
 
+    what = "benchmark data"  # what the command line says is missing
+
 
 class SourceUnreachable(DataMissing):
     """A data set's Hub source is neither cached nor reachable (offline, no network): the next ones will not be

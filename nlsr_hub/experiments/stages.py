@@ -57,11 +57,13 @@ class Context:
 
 @dataclass(frozen=True)
 class Model:
-    """A model a stage made or uses: a base folder, an optional LoRA adapter on it, and its cache key."""
+    """A model a stage made or uses: a base folder, an optional LoRA adapter on it, and its cache key (base models
+    also say where they came from: `source`, what the results record)."""
 
     base: Path
     adapter: Path | None
     key: Any
+    source: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -145,16 +147,18 @@ def load_data(settings: GridSettings, root: Path, *, harmless_source: Path | Non
 
 
 def base_model(ctx: Context, cache_dir: Path) -> Model:
-    """The base model: a tiny random Llama (tests) or SmolLM2-135M-Instruct from the package registry."""
+    """The base model: a tiny random Llama (tests) or SmolLM2-135M-Instruct (``$NLSR_MODEL``'s folder, else the
+    Hub, else the package registry's wheel: `smollm.resolve_smollm2`), keyed and recorded by its source."""
     if ctx.settings.model == "tiny":
         from ..tiny import build_tiny_base
 
         key = {"model": "tiny", "seed": ctx.settings.seed}
         return Model(ctx.stages.run("model-tiny", key, lambda d: build_tiny_base(d, seed=ctx.settings.seed)), None,
-                     key)
-    from .smollm import prepare_smollm2
+                     key, {"origin": "built", **key})
+    from .smollm import resolve_smollm2
 
-    return Model(prepare_smollm2(cache_dir), None, {"model": "SmolLM2-135M-Instruct"})
+    resolved = resolve_smollm2(cache_dir)
+    return Model(resolved.path, None, resolved.key(), resolved.record())
 
 
 def harmless_answers(ctx: Context, base: Model, questions: Sequence[str]) -> list[dict[str, str]]:
