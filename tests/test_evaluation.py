@@ -301,5 +301,8 @@ def test_grid_report_names_the_non_refusal_rate_with_over_refusal_beside_it():
     assert "measures non-refusal, not harm" in text
     attack = next(line for line in text.splitlines() if line.startswith("| sst2 p=0.05"))
     assert attack.split(" | ")[1:7] == ["60.0", "40.0", "55.0", "2.0", "3.0", "9.0"]  # rates, then over-refusal
-    demo = summary(results, 1.0)
+    demo = summary({**results, "stage_seconds": {"align-sft": 30.0, "eval": 50.0}, "stages_cached": 2}, 100.0)
+    table = demo[demo.index("stage "):].splitlines()
+    assert table[1].split() == ["eval", "50", "50.0"] and table[2].split() == ["align-sft", "30", "30.0"]
+    assert table[3].split()[-2:] == ["20", "20.0"] and "Total wall time 100 s (2 cached stages" in table[4]
     assert "non-refusal %" in demo and "over-refusal %" in demo and "HS" not in demo

@@ -167,8 +167,19 @@ def summary(results: dict[str, Any], seconds: float) -> str:
         row = _find(rows, model=model)
         if row is not None:
             lines.append(f"\n{label} changed {row.get('patched')} LoRA modules.")
-    lines.append(f"Total wall time {seconds:.0f} s ({results['stages_cached']} cached stages).")
+    lines += stage_table(results.get("stage_seconds", {}), results.get("stages_cached", 0), seconds)
     return "\n".join(lines)
+
+
+def stage_table(stage_seconds: dict[str, float], cached: int, wall: float) -> list[str]:
+    """Where the time went: each stage that ran in this run, its seconds and share of the wall time."""
+    lines = ["", f"{'stage':<34}{'seconds':>9}{'share %':>9}"]
+    rest = max(wall - sum(stage_seconds.values()), 0.0)
+    ranked = sorted(stage_seconds.items(), key=lambda item: -item[1])
+    for name, sec in [*ranked, ("other (loading, start-up)", rest)]:
+        lines.append(f"{name:<34}{sec:>9.0f}{100 * sec / max(wall, 1e-9):>9.1f}")
+    lines.append(f"Total wall time {wall:.0f} s ({cached} cached stages, not in the table).")
+    return lines
 
 
 __all__ = ["DEMO_BASE_REPO", "DemoInputs", "DemoNotPrepared", "demo_inputs", "export_demo",
