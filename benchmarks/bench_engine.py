@@ -3,12 +3,17 @@
 (a) scoring overhead: `low_rank` and `wanda` calibration pass + scoring time over the same tokens, divided by
     a plain forward pass of the model carrying the reference adapter (target <= 1.3x);
 (b) similarity + plan + patch on a Llama-3-8B-shaped trio (224 modules, rank 128, random bf16 weights):
-    wall time (target < 5 s on CPU) and peak RSS against the three adapters' size (target < 2x);
+    wall time (target < 5 s on CPU) for the first adapter against a safety patch and for each further one (the
+    patch keeps its reference side), each next to its physical floor (the step's fp32 FLOPs at a measured fp32
+    matmul rate, its bytes read and written at a measured copy rate); peak RSS against the three adapters' size
+    (target < 2x);
 (c) peak RSS of the calibration pass with 10x more calibration tokens (target: flat).
 
-Usage: .venv/bin/python benchmarks/bench_engine.py [--part a|b|c|all]
-The model of (a) and (c) is SmolLM2-135M-shaped (30 blocks, hidden 576, LoRA r=16 on 7 targets) with
-random weights, so no download is needed.
+Usage: .venv/bin/python benchmarks/bench_engine.py [--part a|b|c|all] [--modules N]
+Every run first prints the CPU it ran on (as `nlsr env` does): model, cores, torch threads, the features that
+decide speed and whether bf16 is native (without it torch emulates bf16). `--modules N` runs (b) on the first N
+modules only, for quick checks. The model of (a) and (c) is SmolLM2-135M-shaped (30 blocks, hidden 576, LoRA
+r=16 on 7 targets) with random weights, so no download is needed.
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -27,10 +31,12 @@ import torch
 from nlsr_hub.adapters import LoraAdapter, LoraModule
 from nlsr_hub.calibration import default_calibration, encode_pairs, iter_batches
 from nlsr_hub.config import NLSRConfig
+from nlsr_hub.envinfo import device_info
+from nlsr_hub.hardware import NATIVE_BF16_FLAGS
 from nlsr_hub.masks import ModuleMask
 from nlsr_hub.modeling import attached_adapter
 from nlsr_hub.patch import apply_plan, neuron_counts, similarities
-from nlsr_hub.plan import plan_realignment
+from nlsr_hub.plan import RealignmentPlan, plan_realignment
 from nlsr_hub.safety_patch import SafetyPatch, build_safety_patch
 from nlsr_hub.statistics import collect_statistics
 
@@ -123,9 +129,91 @@ def part_a(repeats: int = 3) -> None:
 # ----------------------------------------------------------------------------------------------- (b)
 
 
-def part_b() -> None:
+def best_of(fn, repeats: int = 3) -> float:
+    """The shortest of `repeats` timed calls of `fn` (after one untimed warm-up call)."""
+    fn()
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        timings.append(time.perf_counter() - start)
+    return min(timings)
+
+
+def matmul_rate(n: int = 2048) -> float:
+    """fp32 FLOP/s of an n³ matmul, best of 3."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / best_of(lambda: a @ b)
+
+
+def copy_rate(nbytes: int = 512 * 2**20) -> float:
+    """Bytes read + written per second copying a large tensor, best of 3 (into memory already touched: a fresh
+    `clone()` would also time the page faults of new memory, and the floor would be too high)."""
+    source = torch.ones(nbytes // 4, dtype=torch.float32)
+    target = torch.empty_like(source)
+    return 2 * nbytes / best_of(lambda: target.copy_(source))
+
+
+def inner_flops(d_out: int, d_in: int, r1: int, r2: int) -> int:
+    """fp32 FLOPs of one ``similarity._inner``: the r1×r2 Gram products B1ᵀB2 and A1A2ᵀ, their product and sum."""
+    return 2 * r1 * r2 * (d_out + d_in) + 2 * r1 * r2
+
+
+def step_flops(patch: SafetyPatch, finetuned: LoraAdapter, plan: RealignmentPlan, *, reference_known: bool) -> int:
+    """fp32 FLOPs of similarity + patch as implemented: per module two inner products (three while the patch does not
+    know its reference side yet) and the scale and mask products of both sides' factors; per patched module the
+    reference B's rescaling and masking (the other blocks are masked in their own dtype)."""
+    total = 0
+    for name, ref in patch.reference.modules.items():
+        ft, (d_out, d_in) = finetuned.modules[name], ref.shape
+        total += inner_flops(d_out, d_in, ref.rank, ft.rank) + inner_flops(d_out, d_in, ft.rank, ft.rank)
+        if not reference_known:
+            total += inner_flops(d_out, d_in, ref.rank, ref.rank)
+        total += 2 * d_out * (ref.rank + ft.rank)  # B: scale and mask
+        total += d_in * (ref.rank + ft.rank) if patch.masks[name].A is not None else 0  # A: mask
+    return total + sum(2 * patch.reference.modules[name].B.numel() for name in plan.patched)
+
+
+def step_bytes(patch: SafetyPatch, finetuned: LoraAdapter, plan: RealignmentPlan) -> int:
+    """Bytes the step must read and write: every module's factors (both sides) and masks for the similarity, the
+    masks again for the neuron counts, and per patched module its inputs again and the rank-(r_e + r_t) output
+    (the float32 working copies of one module at a time are not counted: this is a floor)."""
+    def nbytes(*tensors: torch.Tensor | None) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def module_bytes(name: str) -> int:
+        ref, ft, mask = patch.reference.modules[name], finetuned.modules[name], patch.masks[name]
+        return nbytes(ref.A, ref.B, ft.A, ft.B, mask.A, mask.B)
+
+    def output_bytes(name: str) -> int:  # [A_e; A_t] and [B_e | B_t] in the fine-tuned dtype
+        ref, ft = patch.reference.modules[name], finetuned.modules[name]
+        return (ref.rank + ft.rank) * (ft.shape[1] * ft.A.element_size() + ft.shape[0] * ft.B.element_size())
+
+    masks = sum(nbytes(m.A, m.B) for m in patch.masks.values())
+    patched = sum(module_bytes(name) + output_bytes(name) for name in plan.patched)
+    return sum(module_bytes(name) for name in patch.reference.modules) + masks + patched
+
+
+def realign_step(patch: SafetyPatch, finetuned: LoraAdapter) -> tuple[float, RealignmentPlan, LoraAdapter]:
+    """Wall time of similarity + plan + patch, the plan and the realigned adapter."""
+    start = time.perf_counter()
+    sims = similarities(patch, finetuned)
+    plan = plan_realignment(sims, neuron_counts(patch), NLSRConfig())
+    realigned = apply_plan(finetuned, patch, plan)
+    return time.perf_counter() - start, plan, realigned
+
+
+def with_floor(seconds: float, flops: int, nbytes: int, flop_rate: float, byte_rate: float) -> str:
+    """``X s (floor: compute Y s, memory Z s; X/max(Y,Z) = k×)``."""
+    compute, memory = flops / flop_rate, nbytes / byte_rate
+    return (f"{seconds:.2f} s (floor: compute {compute:.2f} s, memory {memory:.2f} s; "
+            f"X/max(Y,Z) = {seconds / max(compute, memory):.2f}×)")
+
+
+def part_b(modules: int | None = None) -> None:
     baseline = current_rss_bytes()
     shapes = module_shapes(4096, 14336, 1024, 32)
+    shapes = dict(list(shapes.items())[:modules]) if modules else shapes
     rank, dtype = 128, torch.bfloat16
     aligned = random_adapter(shapes, rank, 1, dtype)
     finetuned = random_adapter(shapes, rank, 2, dtype, like=aligned, drift=0.3)
@@ -138,19 +226,30 @@ def part_b() -> None:
     three = aligned.nbytes() + reference.nbytes() + finetuned.nbytes()
     gc.collect()
     before = current_rss_bytes()
-    start = time.perf_counter()
-    sims = similarities(patch, finetuned)
-    plan = plan_realignment(sims, neuron_counts(patch), NLSRConfig())
-    realigned = apply_plan(finetuned, patch, plan)
-    elapsed = time.perf_counter() - start
+    first, plan, realigned = realign_step(patch, finetuned)
     peak = peak_rss_bytes()
+    output = realigned.nbytes()
+    del realigned
+    gc.collect()
+    further, again, _ = realign_step(patch, finetuned)
+    flop_rate, byte_rate = matmul_rate(), copy_rate()  # after the peak RSS was read: the copy needs 1 GiB
+    nbytes = step_bytes(patch, finetuned, plan)
+    flops_first = step_flops(patch, finetuned, plan, reference_known=False)
+    flops_further = step_flops(patch, finetuned, plan, reference_known=True)
     print(f"(b) Llama-3-8B-shaped trio: {len(shapes)} modules, rank {rank}, bf16; {plan.num_patched} modules patched")
-    print(f"    similarity + plan + patch: {elapsed:.2f} s (target < 5 s)")
+    print(f"    measured here: fp32 matmul {flop_rate / 1e9:.1f} GFLOP/s (2048³, best of 3), copy "
+          f"{byte_rate / 1e9:.1f} GB/s read + written (512 MiB, best of 3)")
+    print(f"    step work: {flops_first / 1e9:.1f} GFLOP fp32 for the first adapter, {flops_further / 1e9:.1f} for "
+          f"each further one; {nbytes / 1e9:.2f} GB read + written")
+    print(f"    similarity + plan + patch, first adapter against the patch: "
+          f"{with_floor(first, flops_first, nbytes, flop_rate, byte_rate)} (target < 5 s)")
+    print(f"    each further adapter (reference side kept on the patch): "
+          f"{with_floor(further, flops_further, nbytes, flop_rate, byte_rate)}; same plan: "
+          f"{'yes' if again.to_dict() == plan.to_dict() else 'NO'}")
     print(f"    three adapters (aligned, reference, fine-tuned): {three / 2**30:.2f} GiB; inputs + masks in memory "
           f"before the step: {(before - baseline) / 2**30:.2f} GiB")
-    print(f"    peak RSS above the interpreter baseline: {(peak - baseline) / 2**30:.2f} GiB = "
-          f"{(peak - baseline) / three:.2f}x the three adapters (target < 2x); output "
-          f"{realigned.nbytes() / 2**30:.2f} GiB")
+    print(f"    peak RSS above the interpreter baseline (first adapter): {(peak - baseline) / 2**30:.2f} GiB = "
+          f"{(peak - baseline) / three:.2f}x the three adapters (target < 2x); output {output / 2**30:.2f} GiB")
 
 
 # ----------------------------------------------------------------------------------------------- (c)
@@ -179,26 +278,39 @@ def part_c() -> None:
     print(f"    ratio for 10x tokens: {rows[1][1] / max(rows[0][1], 1e-9):.2f}x (target: flat)")
 
 
+def cpu_capability() -> str:
+    """The CPU this run measured on, as `nlsr env` reports it, and whether bf16 is native here."""
+    device = device_info()
+    features = ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in device["cpu_features"].items())
+    native = any(device["cpu_features"].get(flag) for flag in NATIVE_BF16_FLAGS)
+    return (f"CPU: {device['cpu']}, {device['cores']} cores (torch {torch.__version__}, threads "
+            f"{device['torch_threads']}); {features}; native bf16 {'yes' if native else 'no (torch emulates bf16)'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", default="all", choices=("a", "b", "c", "all"))
+    parser.add_argument("--modules", type=int, default=None, metavar="N",
+                        help="run (b) on the first N of the 224 modules (default: all)")
     parser.add_argument("--scoring-peak", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--no-header", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.modules is not None and args.modules < 1:
+        parser.error(f"--modules must be at least 1 (got {args.modules})")
     if args.scoring_peak:
         scoring_peak(args.scoring_peak)
         return
     if not args.no_header:
-        print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-              f"threads {torch.get_num_threads()}")
+        print(cpu_capability())
     if args.part in ("a", "all"):
         part_a()
     if args.part in ("c", "all"):
         part_c()
     if args.part == "b":
-        part_b()
+        part_b(args.modules)
     elif args.part == "all":  # its own process, so the peak RSS is its own
-        subprocess.run([sys.executable, __file__, "--part", "b", "--no-header"], check=True)
+        extra = ["--modules", str(args.modules)] if args.modules else []
+        subprocess.run([sys.executable, __file__, "--part", "b", "--no-header", *extra], check=True)
 
 
 if __name__ == "__main__":

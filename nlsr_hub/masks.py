@@ -34,8 +34,8 @@ class ModuleMask:
 
     def count(self) -> int:
         """Number of safety-critical neurons: masked entries (element) or rows (row)."""
-        count = int(self.B.sum())
-        return count if self.A is None else count + int(self.A.sum())
+        count = int(torch.count_nonzero(self.B))  # not `.sum()`: that widens every entry to int64 first
+        return count if self.A is None else count + int(torch.count_nonzero(self.A))
 
     def total(self) -> int:
         """Number of candidate neurons the count is out of."""

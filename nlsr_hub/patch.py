@@ -18,7 +18,7 @@ from .adapters import AdapterError, LoraAdapter, LoraModule
 from .masks import ModuleMask
 from .plan import RealignmentPlan
 from .safety_patch import SafetyPatch
-from .similarity import module_similarity
+from .similarity import F32_EXACT, Float32Workspace, as_bytes, f32_copy, naming_module, similarity_terms
 
 
 def check_compatible_modules(
@@ -57,11 +57,18 @@ def check_compatible(patch: SafetyPatch, finetuned: LoraAdapter, *, restoration:
 
 
 def similarities(patch: SafetyPatch, finetuned: LoraAdapter) -> dict[str, float]:
-    """Per-module masked Frobenius cosine between the reference and the fine-tuned adapter (float32)."""
-    return {
-        name: module_similarity(patch.reference.modules[name], finetuned.modules[name], patch.masks[name], name)
-        for name in sorted(patch.reference.modules)
-    }
+    """Per-module masked Frobenius cosine between the reference and the fine-tuned adapter (float32). One module's
+    float32 factors in memory at a time; the reference side's squared norms are computed once per patch and kept
+    in `patch.reference_squared_norms` (the same values as recomputing them)."""
+    norms, workspace = patch.reference_squared_norms, Float32Workspace()
+    out = {}
+    for name in sorted(patch.reference.modules):
+        with naming_module(name):
+            terms = similarity_terms(patch.reference.modules[name], finetuned.modules[name], patch.masks[name],
+                                     reference_squared=norms.get(name), workspace=workspace)
+            out[name] = terms.cosine
+        norms[name] = terms.squared1
+    return out
 
 
 def neuron_counts(patch: SafetyPatch) -> dict[str, tuple[int, int]]:
@@ -69,17 +76,34 @@ def neuron_counts(patch: SafetyPatch) -> dict[str, tuple[int, int]]:
     return {name: (mask.count(), mask.total()) for name, mask in patch.masks.items()}
 
 
+def _write_masked(out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None, factor: float = 1.0) -> None:
+    """``out ← factor·x ⊙ mask`` computed in float32 and rounded to `out`'s dtype (one block of Eq. 11).
+
+    Where that is exact without float32 (no factor, `x` already in `out`'s dtype and held exactly by float32:
+    a product with 0 or 1 rounds to itself), it runs in `x`'s own dtype, with no float32 copy."""
+    if factor == 1.0 and x.dtype == out.dtype and x.dtype in F32_EXACT:
+        if mask is None:
+            out.copy_(x)
+        else:
+            torch.mul(x, as_bytes(mask), out=out)
+        return
+    x32 = f32_copy(x)
+    if factor != 1.0:
+        x32.mul_(factor)
+    out.copy_(x32 if mask is None else x32.mul_(as_bytes(mask)))
+
+
 def restore_neurons(reference: LoraModule, finetuned: LoraModule, mask: ModuleMask) -> LoraModule:
-    """Eq. 11 as an exact rank-(r_e + r_t) LoRA at the fine-tuned module's scale."""
-    dtype_A, dtype_B = finetuned.A.dtype, finetuned.B.dtype
-    ratio = reference.scale / finetuned.scale
-    A_e, A_t = reference.A.to(torch.float32), finetuned.A.to(torch.float32)
-    if mask.A is not None:
-        A_e, A_t = A_e * mask.A, A_t * ~mask.A
-    B_e = reference.B.to(torch.float32) * ratio * mask.B
-    B_t = finetuned.B.to(torch.float32) * ~mask.B
-    A = torch.cat([A_e, A_t], dim=0).to(dtype_A)
-    B = torch.cat([B_e, B_t], dim=1).to(dtype_B)
+    """Eq. 11 as an exact rank-(r_e + r_t) LoRA at the fine-tuned module's scale: each block written once into
+    the result, the fine-tuned blocks (and the reference's A where dtypes agree) in their own dtype."""
+    r_e, (d_out, d_in) = reference.rank, reference.shape
+    A = torch.empty(r_e + finetuned.rank, d_in, dtype=finetuned.A.dtype, device=finetuned.A.device)
+    B = torch.empty(d_out, r_e + finetuned.rank, dtype=finetuned.B.dtype, device=finetuned.B.device)
+    keep_A = None if mask.A is None else ~mask.A
+    _write_masked(A[:r_e], reference.A, mask.A)
+    _write_masked(A[r_e:], finetuned.A, keep_A)
+    _write_masked(B[:, :r_e], reference.B, mask.B, reference.scale / finetuned.scale)
+    _write_masked(B[:, r_e:], finetuned.B, ~mask.B)
     return LoraModule(A, B, finetuned.scale)
 
 

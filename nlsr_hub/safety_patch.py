@@ -49,6 +49,10 @@ class SafetyPatch(PushToHubMixin):
     # per module, ‖x_j‖₂ of each input feature over the calibration's response tokens (d_in, float32): what the
     # dense restorers weigh the reference's update with; empty when the scorer recorded no activations
     input_norms: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    # memo, per module, of ``‖(M_B⊙s_e·B_e)(M_A⊙A_e)‖²_F`` (float32): the reference side of every similarity
+    # against this patch, filled on first use by `patch.similarities`; not saved, not compared, fresh in a copy
+    # made with `dataclasses.replace`
+    reference_squared_norms: dict[str, float] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if set(self.masks) != set(self.reference.modules):

@@ -2,6 +2,10 @@
 
 ``⟨B1·A1, B2·A2⟩_F = tr((B1ᵀ·B2)·(A2·A1ᵀ))``: only r×r matrices are formed, never the d_out×d_in product,
 so a module costs O(r²·(d_in + d_out)).
+
+Each factor is converted to float32 once per comparison and masked in place. A cosine needs three inner
+products; the reference side's squared norm depends only on the safety patch, so `similarity_terms` takes it
+precomputed (`SafetyPatch.reference_squared_norms` keeps it per module) and a comparison then costs two.
 """
 
 from __future__ import annotations
@@ -9,14 +13,24 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
 from .adapters import LoraModule
 from .masks import ModuleMask
 
+# dtypes whose every value float32 holds exactly (a round trip through float32 is the identity)
+F32_EXACT = frozenset({torch.float32, torch.bfloat16, torch.float16})
 
-def _f32(t: torch.Tensor) -> torch.Tensor:
+
+def as_bytes(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean mask viewed as uint8 0/1 (no copy): torch turns uint8 into floats with vector instructions but
+    bool one element at a time (~4x slower), and the 0.0/1.0 it multiplies by are the same."""
+    return mask.view(torch.uint8)
+
+
+def f32_copy(t: torch.Tensor) -> torch.Tensor:
     """A fresh, contiguous float32 copy: BLAS results must not depend on where a loaded tensor sits."""
     return t.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
 
@@ -29,51 +43,125 @@ class NonFiniteError(ValueError):
     """A similarity could not be computed: the factors hold NaN or infinite values, or overflow float32."""
 
 
+@dataclass(frozen=True)
+class SimilarityTerms:
+    """The three inner products of one Frobenius cosine: ``⟨P, Q⟩``, ``‖P‖²`` and ``‖Q‖²`` (float32 sums)."""
+
+    inner: float
+    squared1: float
+    squared2: float
+
+    @property
+    def cosine(self) -> float:
+        """``⟨P, Q⟩ / (‖P‖·‖Q‖)`` (1.0 when both are zero, 0.0 when one is).
+
+        Raises:
+            NonFiniteError: when a term or the quotient is NaN or infinite.
+        """
+        inner, squared1, squared2 = self.inner, self.squared1, self.squared2
+        if not all(math.isfinite(x) for x in (inner, squared1, squared2)):
+            # never clamp: min/max would turn NaN into 1.0 and rank a broken module as the most similar
+            raise NonFiniteError("the similarity is not finite: the LoRA factors hold NaN or infinite values, or "
+                                 "their product overflows float32")
+        norm1, norm2 = math.sqrt(max(squared1, 0.0)), math.sqrt(max(squared2, 0.0))
+        if norm1 == 0.0 and norm2 == 0.0:
+            return 1.0
+        if norm1 == 0.0 or norm2 == 0.0:
+            return 0.0
+        cosine = inner / (norm1 * norm2)
+        if not math.isfinite(cosine):
+            raise NonFiniteError("the similarity is not finite: the norms underflow or overflow float32")
+        return max(-1.0, min(1.0, cosine))  # rounding only: |inner| <= norm1 * norm2 up to float error
+
+
 def _cosine(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> float:
-    inner = _inner(B1, A1, B2, A2)
-    squared1, squared2 = _inner(B1, A1, B1, A1), _inner(B2, A2, B2, A2)
-    if not all(math.isfinite(x) for x in (inner, squared1, squared2)):
-        # never clamp: min/max would turn NaN into 1.0 and rank a broken module as the most similar
-        raise NonFiniteError("the similarity is not finite: the LoRA factors hold NaN or infinite values, or their "
-                             "product overflows float32")
-    norm1, norm2 = math.sqrt(max(squared1, 0.0)), math.sqrt(max(squared2, 0.0))
-    if norm1 == 0.0 and norm2 == 0.0:
-        return 1.0
-    if norm1 == 0.0 or norm2 == 0.0:
-        return 0.0
-    cosine = inner / (norm1 * norm2)
-    if not math.isfinite(cosine):
-        raise NonFiniteError("the similarity is not finite: the norms underflow or overflow float32")
-    return max(-1.0, min(1.0, cosine))  # rounding only: |inner| <= norm1 * norm2 up to float error
+    return _terms(B1, A1, B2, A2, None).cosine
+
+
+def _terms(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor, squared1: float | None
+           ) -> SimilarityTerms:
+    squared1 = _inner(B1, A1, B1, A1) if squared1 is None else squared1
+    return SimilarityTerms(_inner(B1, A1, B2, A2), squared1, _inner(B2, A2, B2, A2))
 
 
 def lowrank_inner(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> float:
     """Frobenius inner product of ``B1 @ A1`` and ``B2 @ A2`` without forming either product (float32)."""
-    return _inner(_f32(B1), _f32(A1), _f32(B2), _f32(A2))
+    return _inner(f32_copy(B1), f32_copy(A1), f32_copy(B2), f32_copy(A2))
 
 
 def lowrank_cosine(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> float:
     """Frobenius cosine of ``B1 @ A1`` and ``B2 @ A2`` (1.0 when both are zero, 0.0 when one is; float32)."""
-    return _cosine(_f32(B1), _f32(A1), _f32(B2), _f32(A2))
+    return _cosine(f32_copy(B1), f32_copy(A1), f32_copy(B2), f32_copy(A2))
+
+
+class Float32Workspace:
+    """Reusable float32 buffers, one per role, grown as needed. Converting module after module into them touches no
+    fresh memory (a fresh 7 MB tensor costs ~1,800 page faults, about as long as the conversion itself), and each
+    copy starts where its buffer does, so BLAS results do not depend on where an input sits."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def copy(self, role: str, source: torch.Tensor) -> torch.Tensor:
+        """`source` as a contiguous float32 tensor in the role's buffer, valid until the role's next copy."""
+        n, buffer = source.numel(), self._buffers.get(role)
+        if buffer is None or buffer.numel() < n or buffer.device != source.device:
+            buffer = self._buffers[role] = torch.empty(n, dtype=torch.float32, device=source.device)
+        return buffer[:n].view(source.shape).copy_(source)
 
 
 def masked_factors(module: LoraModule, mask: ModuleMask) -> tuple[torch.Tensor, torch.Tensor]:
     """``(M_B ⊙ s·B, M_A ⊙ A)`` as fresh float32 tensors, the masked factors with the scale folded in."""
-    A = _f32(module.A) if mask.A is None else module.A.to(torch.float32) * mask.A
-    B = (module.B.to(torch.float32) * module.scale) * mask.B
-    return B, A
+    workspace = Float32Workspace()
+    return _masked(module, _mask_weights(mask, workspace), workspace, "")
 
 
-def module_similarity(reference: LoraModule, finetuned: LoraModule, mask: ModuleMask, name: str = "") -> float:
-    """``S_j = cos_F((M_B⊙B_e)(M_A⊙A_e), (M_B⊙B_t)(M_A⊙A_t))`` for one module (`name` only labels errors).
+def _mask_weights(mask: ModuleMask, workspace: Float32Workspace) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The masks as float32 0/1 tensors (B's, A's), converted once for both sides of a comparison."""
+    weight_A = None if mask.A is None else workspace.copy("M_A", as_bytes(mask.A))
+    return workspace.copy("M_B", as_bytes(mask.B)), weight_A
+
+
+def _masked(module: LoraModule, weights: tuple[torch.Tensor, torch.Tensor | None], workspace: Float32Workspace,
+            side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One float32 copy per factor, scaled and masked in place: the same products as ``B.float() * s * M_B``,
+    so the same bits."""
+    weight_B, weight_A = weights
+    A = workspace.copy(f"A{side}", module.A)
+    if weight_A is not None:
+        A.mul_(weight_A)
+    return workspace.copy(f"B{side}", module.B).mul_(module.scale).mul_(weight_B), A
+
+
+def masked_squared_norm(module: LoraModule, mask: ModuleMask) -> float:
+    """``‖(M_B⊙s·B)(M_A⊙A)‖²_F`` in float32 (the reference side of `similarity_terms`)."""
+    B, A = masked_factors(module, mask)
+    return _inner(B, A, B, A)
+
+
+def similarity_terms(reference: LoraModule, finetuned: LoraModule, mask: ModuleMask, *,
+                     reference_squared: float | None = None, workspace: Float32Workspace | None = None
+                     ) -> SimilarityTerms:
+    """The inner products of `module_similarity`'s cosine; `reference_squared` (`masked_squared_norm` of the
+    reference, the same for every fine-tuned adapter) saves one of the three when given, and a `workspace` shared
+    by consecutive calls saves allocating their float32 copies."""
+    workspace = workspace if workspace is not None else Float32Workspace()
+    weights = _mask_weights(mask, workspace)
+    B_e, A_e = _masked(reference, weights, workspace, "_e")
+    B_t, A_t = _masked(finetuned, weights, workspace, "_t")
+    return _terms(B_e, A_e, B_t, A_t, reference_squared)
+
+
+def module_similarity(reference: LoraModule, finetuned: LoraModule, mask: ModuleMask, name: str = "", *,
+                      reference_squared: float | None = None) -> float:
+    """``S_j = cos_F((M_B⊙B_e)(M_A⊙A_e), (M_B⊙B_t)(M_A⊙A_t))`` for one module (`name` only labels errors;
+    `reference_squared` as in `similarity_terms`).
 
     Raises:
         NonFiniteError: (a `ValueError`) naming the module when the similarity is NaN or infinite.
     """
-    B_e, A_e = masked_factors(reference, mask)
-    B_t, A_t = masked_factors(finetuned, mask)
     with naming_module(name or "?"):
-        return _cosine(B_e, A_e, B_t, A_t)
+        return similarity_terms(reference, finetuned, mask, reference_squared=reference_squared).cosine
 
 
 @contextlib.contextmanager
