@@ -59,6 +59,24 @@ class HubUnreachable(ValueError):
     """A file is not in the local Hub cache and the Hub could not be asked (offline mode, no network)."""
 
 
+def endpoint_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hub endpoint (``HF_ENDPOINT``) opens within `timeout` seconds; True in
+    offline mode is never asked (the client reads the cache then). A machine without the Hub fails in
+    milliseconds here (no DNS name, refused port), where the client would retry with back-off for about 24 s."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 @contextmanager
 def _hub_errors(repo_id: str, revision: str | None, where: str, *, entry_missing: str,
                 repo_type: str = "model") -> Iterator[None]:
