@@ -157,6 +157,36 @@ def test_sft_step_trains_lora(sft_adapter):
     assert log["steps"] == 1 and log["method"] == "sft"
 
 
+def test_group_by_length_trains_deterministically_and_keeps_old_cache_keys(tiny_base, tmp_path):
+    rows = [{"prompt": "Q " + "word " * (3 * i), "response": "I cannot help with that." * (1 + i % 3)}
+            for i in range(8)]
+    grouped = dataclasses.replace(STEP, group_by_length=True)
+    first = _factors(train_sft(tiny_base, rows, tmp_path / "a", grouped, progress=False))
+    again = _factors(train_sft(tiny_base, rows, tmp_path / "b", grouped, progress=False))
+    shuffled = _factors(train_sft(tiny_base, rows, tmp_path / "c", STEP, progress=False))
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], shuffled[k]) for k in first)  # another first batch: the option acts
+    # off, the field is left out of the stage key (stages cached before it existed are found again)
+    assert "group_by_length" not in STEP.to_dict() and grouped.to_dict()["group_by_length"] is True
+
+
+def test_the_head_to_head_pair_is_pinned_and_the_demo_is_its_faster_cut():
+    from nlsr_hub.experiments.grid import variants
+    from nlsr_hub.experiments.headtohead import HeadToHeadSettings
+    from nlsr_hub.experiments.presets import DEMO, PAIR
+
+    assert HeadToHeadSettings().pair is PAIR
+    # the settings the head-to-head's cached adapters were trained with (results/restorers/)
+    assert {k: v for k, v in PAIR.align.to_dict().items() if k != "bf16"} == {
+        "lr": 3e-4, "epochs": 2, "batch_size": 8, "max_length": 192, "rank": 16, "alpha": 32, "warmup": 0.1,
+        "seed": 0, "beta": 0.1, "max_steps": -1}
+    assert (PAIR.align_refusals, PAIR.align_harmless, PAIR.attack_n, PAIR.calibration_prompts) == (150, 150,
+                                                                                                 {"sst2": 200}, 80)
+    assert DEMO.align.epochs == 1 and DEMO.align.group_by_length and DEMO.attack.group_by_length
+    assert [v[0] for v in variants(DEMO, [("sst2", 0.05)], [])] == ["default"]
+    assert [v[0] for v in variants(PAIR, [("sst2", 0.05)], [])] == ["nlsr", "default"]
+
+
 def test_attack_resumes_from_the_aligned_adapter(tiny_base, sft_adapter, tmp_path):
     frozen = train_sft(tiny_base, ROWS, tmp_path / "lr0", dataclasses.replace(STEP, lr=0.0),
                        resume_from=sft_adapter, progress=False)

@@ -68,8 +68,10 @@ def variants(settings: GridSettings, attacks: list[tuple[str, float]], focus: li
     every attack, the other scorers and the ablations on the focus attack, Safe LoRA (τ rule everywhere, lowest
     shares on the focus), and, where the project's default restorer is not the paper's NLSR, the default on every
     attack. Overrides apply to the ``paper`` preset unless they name another (``"preset": "default"``)."""
-    out: list[tuple[str, dict[str, Any], list[tuple[str, float]]]] = [("nlsr", {}, attacks)]
-    if NLSRConfig.preset("default") != NLSRConfig.preset("paper"):
+    distinct = NLSRConfig.preset("default") != NLSRConfig.preset("paper")
+    paper = [("nlsr", {}, attacks)] if settings.evaluate_paper or not distinct else []
+    out: list[tuple[str, dict[str, Any], list[tuple[str, float]]]] = paper
+    if distinct:
         out.append(("default", {"preset": "default"}, attacks))
     out += [(f"nlsr-{s}", {"scorer": s}, focus) for s in settings.scorers]
     out += [(f"nlsr ({label})", dict(over), focus) for label, over in settings.ablations]

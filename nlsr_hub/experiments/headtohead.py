@@ -24,7 +24,7 @@ from .cache import Stages, cache_root, load_json
 from .data import data_root
 from .evaluate import EvalSettings
 from .grid import align_all
-from .presets import DEMO
+from .presets import PAIR
 from .settings import GridSettings
 from .stages import Context
 
@@ -78,7 +78,7 @@ HEAD_TO_HEAD_EVAL = EvalSettings(advbench=None, beavertails=None, harmless=100, 
 class HeadToHeadSettings:
     """The pair to realign (`pair`: the demo preset's sizes), the evaluation sizes and the sweeps."""
 
-    pair: GridSettings = DEMO
+    pair: GridSettings = PAIR
     methods: tuple[str, ...] = ("sft",)
     preference_chosen: str = "refusal"
     eval: EvalSettings = HEAD_TO_HEAD_EVAL

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from .evaluate import EvalSettings
 from .settings import GridSettings
 from .train import METHODS, TrainSettings
@@ -16,13 +18,24 @@ QUICK = GridSettings(
                       fa={"sst2": 100, "ag_news": 60, "gsm8k": 30}),
 )
 
-DEMO = GridSettings(
-    preset="demo", focus_only=True, other_tasks=(), scorers=(), ablations=(), evaluate_safelora=False,
+# The restorers' head-to-head pair (`headtohead.HeadToHeadSettings.pair`), pinned: its adapters and every point
+# measured on them (results/restorers/) are cached under these settings. It was the demo's until 2026-11-30.
+PAIR = GridSettings(
+    preset="pair", focus_only=True, other_tasks=(), scorers=(), ablations=(), evaluate_safelora=False,
     evaluate_base=False, evaluate_reference=False,
     align_refusals=150, align_harmless=150, attack_n={"sst2": 200}, calibration_prompts=80,
-    # the preference pair of the restorers' head-to-head (DPO on the SFT-merged model): 150 + 150 pairs, 38 steps
-    align_preferences=150, preference=TrainSettings(lr=1e-4, epochs=1, max_length=192, beta=0.1),
     eval=EvalSettings(advbench=30, beavertails=30, harmless=20, hs_new_tokens=32, fa={"sst2": 100}),
+    # the preference pair (DPO on the SFT-merged model): 150 + 150 pairs, 38 steps
+    align_preferences=150, preference=TrainSettings(lr=1e-4, epochs=1, max_length=192, beta=0.1),
+)
+
+# `nlsr demo`: the pair's data and sizes, cut to fit 15 minutes from empty caches on a 2-core CPU without native
+# bf16 (issue #13): one alignment epoch at a higher rate, batches grouped by length, and no paper-settings row
+# (the head-to-head measures it on larger sets).
+DEMO = dataclasses.replace(
+    PAIR, preset="demo", evaluate_paper=False,
+    align=TrainSettings(lr=5e-4, epochs=1, max_length=192, group_by_length=True),
+    attack=TrainSettings(lr=2e-4, epochs=1, max_length=160, group_by_length=True),
 )
 
 FULL = GridSettings(
@@ -53,4 +66,4 @@ TINY = GridSettings(
     validate_judge=False,
 )
 
-PRESETS = {"tiny": TINY, "demo": DEMO, "quick": QUICK, "full": FULL}
+PRESETS = {"tiny": TINY, "demo": DEMO, "pair": PAIR, "quick": QUICK, "full": FULL}

@@ -54,6 +54,7 @@ class GridSettings:
     evaluate_safelora: bool = True
     evaluate_reference: bool = True
     evaluate_base: bool = True
+    evaluate_paper: bool = True  # NLSR with the paper's settings next to the default restorer (when they differ)
     focus_only: bool = False  # attacks only at FOCUS (the demo)
     validate_judge: bool = True
     seed: int = 0

@@ -47,6 +47,8 @@ class TrainSettings:
     seed: int = 0
     beta: float = 0.1  # preference methods' beta (DPO, ORPO's lambda, KTO, SimPO)
     max_steps: int = -1
+    # batches of similar lengths (transformers' LengthGroupedSampler): less padding, fewer FLOPs per epoch
+    group_by_length: bool = False
 
     @property
     def use_bf16(self) -> bool:
@@ -58,8 +60,12 @@ class TrainSettings:
         return auto_bf16()
 
     def to_dict(self) -> dict[str, Any]:
-        """The settings with the precision resolved, so cache keys name the precision that actually trained."""
-        return {**asdict(self), "bf16": self.use_bf16}
+        """The settings with the precision resolved, so cache keys name the precision that actually trained.
+        `group_by_length` is left out while off (what ran before it existed), so older cached stages are found."""
+        data = {**asdict(self), "bf16": self.use_bf16}
+        if not self.group_by_length:
+            del data["group_by_length"]
+        return data
 
 
 def _user(text: str) -> list[dict[str, str]]:
@@ -87,6 +93,7 @@ def _common_args(settings: TrainSettings, output_dir: str, progress: bool) -> di
         "save_strategy": "no", "report_to": "none", "bf16": settings.use_bf16, "seed": settings.seed,
         "data_seed": settings.seed, "use_cpu": not torch.cuda.is_available(), "dataloader_num_workers": 0,
         "disable_tqdm": not progress, "remove_unused_columns": True, "gradient_checkpointing": False,
+        "train_sampling_strategy": "group_by_length" if settings.group_by_length else "random",
     }
 
 
