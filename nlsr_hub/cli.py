@@ -267,8 +267,8 @@ def _print_commit(info: Any) -> None:
 
 
 def _cmd_realign(args: argparse.Namespace) -> int:
-    from .batch import output_name
     from .fleet.command import fleet_requested, run_fleet_command
+    from .fleet.inputs import output_name
     from .preflight import check_realign
 
     if fleet_requested(args):  # several adapters, a list, a glob, a Hub listing or Ray

@@ -285,7 +285,7 @@ def test_evaluate_report_that_is_an_input_file_is_refused_before_loading(trio, t
 
 def test_batch_output_that_is_an_input_is_refused_before_the_calibration_pass(trio, ft_copy, unchanged, no_model,
                                                                              capsys):
-    from nlsr_hub.batch import realign_batch
+    from nlsr_hub.fleet import FleetSettings, realign_fleet
 
     other = Path(shutil.copytree(trio.finetuned, ft_copy.parent / "task_b"))
     with unchanged(ft_copy, other):
@@ -293,8 +293,9 @@ def test_batch_output_that_is_an_input_is_refused_before_the_calibration_pass(tr
                          other, "--output", ft_copy)
         assert_one_line_error(rc, err, "realign", r"`--output` .* is the (--)?finetuned .*input")
         patcher = NLSRPatcher.from_pretrained(trio.base, aligned=trio.aligned)
-        with pytest.raises(ValueError, match=r"`output_dir` .* (contains|is) the finetuned"):
-            realign_batch(patcher, [str(ft_copy), str(other)], output_dir=ft_copy.parent, progress=False)
+        with pytest.raises(ValueError, match=r"`--output` .* (contains|is) the finetuned"):
+            realign_fleet(patcher, [str(ft_copy), str(other)], settings=FleetSettings(output_dir=ft_copy.parent),
+                          progress=False)
 
 
 # --------------------------------------------------------------------------------------------- 4. types

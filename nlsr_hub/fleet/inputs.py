@@ -9,9 +9,28 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..batch import output_name, read_list_file
+from ..io import read_text_file
+from ..refs import InputRef
 
 NAME_FIELD = "{name}"
+
+
+def output_name(spec: str) -> str:
+    """A folder name for a fine-tuned adapter: the repo or folder name, with revision and subfolder."""
+    ref = InputRef.parse(spec)
+    if ref.path is not None:
+        name = ref.path.resolve().name
+    else:
+        assert ref.repo_id is not None
+        name = "-".join(p for p in (ref.repo_id.split("/")[-1], ref.revision, ref.subfolder) if p)
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "adapter"
+
+
+def read_list_file(path: str | Path) -> list[str]:
+    """Adapter references from a text file: one per line; blank lines and ``#`` comments are skipped."""
+    lines = read_text_file(path, "`--finetuned-list` file").splitlines()
+    specs = [line.split("#", 1)[0].strip() for line in lines]
+    return [s for s in specs if s]
 
 
 def glob_specs(pattern: str) -> list[str]:
@@ -86,7 +105,7 @@ def collect_specs(
 
 
 def fleet_name(spec: str) -> str:
-    """The result folder name of `spec` (`batch.output_name`); a reference that does not parse, such as a folder that
+    """The result folder name of `spec` (`output_name`); a reference that does not parse, such as a folder that
     no longer exists, still gets a name, so that its error has a row of its own."""
     try:
         return output_name(spec)
