@@ -93,7 +93,8 @@ def _common_args(settings: TrainSettings, output_dir: str, progress: bool) -> di
         "save_strategy": "no", "report_to": "none", "bf16": settings.use_bf16, "seed": settings.seed,
         "data_seed": settings.seed, "use_cpu": not torch.cuda.is_available(), "dataloader_num_workers": 0,
         "disable_tqdm": not progress, "remove_unused_columns": True, "gradient_checkpointing": False,
-        "train_sampling_strategy": "group_by_length" if settings.group_by_length else "random",
+        # only when asked: each trainer's own default stays (KTO needs its fixed-order 'sequential' batches)
+        **({"train_sampling_strategy": "group_by_length"} if settings.group_by_length else {}),
     }
 
 
