@@ -60,9 +60,9 @@ class HubUnreachable(ValueError):
 
 
 def endpoint_reachable(timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the Hub endpoint (``HF_ENDPOINT``) opens within `timeout` seconds; True in
-    offline mode is never asked (the client reads the cache then). A machine without the Hub fails in
-    milliseconds here (no DNS name, refused port), where the client would retry with back-off for about 24 s."""
+    """Whether a TCP connection to the Hub endpoint (``HF_ENDPOINT``) opens within `timeout` seconds. A machine
+    without the Hub fails in milliseconds here (no DNS name, refused port), where the client would retry with
+    back-off for about 24 s."""
     import socket
     from urllib.parse import urlsplit
 
@@ -75,6 +75,16 @@ def endpoint_reachable(timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def _cache_only(local_files_only: bool, force_download: bool = False) -> bool:
+    """Whether a download should read the local cache only: when asked to, or when the endpoint does not answer
+    (not probed in offline mode, where the client reads only the cache anyway, nor for a forced download)."""
+    from huggingface_hub import constants
+
+    if local_files_only or constants.HF_HUB_OFFLINE or force_download:
+        return local_files_only
+    return not endpoint_reachable()
 
 
 @contextmanager
@@ -130,7 +140,8 @@ def resolve(
 ) -> ResolvedInput:
     """Resolve `spec` to a local folder, downloading only `files` (or `patterns`) from the Hub if needed.
 
-    Honours `revision`, `token`, `cache_dir`, `local_files_only` and ``HF_HUB_OFFLINE``. Raises a
+    Honours `revision`, `token`, `cache_dir`, `local_files_only` and ``HF_HUB_OFFLINE``; when the Hub endpoint
+    does not answer a TCP probe (`endpoint_reachable`), only the cache is read, at once. Raises a
     `ValueError` naming the problem for unknown repos, revisions, missing files and auth failures.
     """
     ref = InputRef.parse(spec, revision=revision)
@@ -144,7 +155,7 @@ def resolve(
     with _hub_errors(ref.repo_id, ref.revision, where, entry_missing=f"lacks the files {list(files)}"):
         snapshot = Path(snapshot_download(
             ref.repo_id, revision=ref.revision, allow_patterns=allow, token=token, cache_dir=cache_dir,
-            local_files_only=local_files_only, force_download=force_download,
+            local_files_only=_cache_only(local_files_only, force_download), force_download=force_download,
         ))
     local = _inside_snapshot(snapshot, ref)
     missing = [f for f in files if not (local / f).is_file()]
@@ -306,13 +317,14 @@ def fetch_file(repo_id: str, filename: str, *, repo_type: str = "dataset", revis
     """Download `filename` of a Hub repo (a dataset repo by default) into the cache, or read it from there.
 
     Honours `revision`, `token`, `cache_dir`, `local_files_only` and ``HF_HUB_OFFLINE`` (a filled cache is enough
-    offline). Raises a `ValueError` naming the repo, the file and why it could not be had."""
+    offline); an endpoint that does not answer a TCP probe means the cache only, at once. Raises a `ValueError`
+    naming the repo, the file and why it could not be had."""
     from huggingface_hub import hf_hub_download
 
     where = f"{repo_type} {repo_id}@{revision or 'main'}:{filename}"
     with _hub_errors(repo_id, revision, where, entry_missing="has no such file", repo_type=repo_type):
         path = Path(hf_hub_download(repo_id, filename, repo_type=repo_type, revision=revision, token=token,
-                                    cache_dir=cache_dir, local_files_only=local_files_only))
+                                    cache_dir=cache_dir, local_files_only=_cache_only(local_files_only)))
     depth = len(Path(filename).parts)
     return FetchedFile(path=path, repo_id=repo_id, filename=filename, revision=revision or "main",
                        commit=path.parents[depth - 1].name, repo_type=repo_type)

@@ -211,6 +211,24 @@ def test_env_shows_local_file_or_hub_source(hub, empty_root):
     assert "google-research-datasets/nq_open" in after["harmless questions (NQ-open)"]
 
 
+def test_an_unreachable_hub_fails_at_once_and_a_filled_cache_still_serves(hub):
+    import time
+
+    from nlsr_hub.hub import HubUnreachable, fetch_file, resolve
+
+    repo_id, files = next(iter(FIXTURES.items()))
+    filename = next(iter(files))
+    cached = fetch_file(repo_id, filename)
+    hub.stop()  # nothing listens on the endpoint: the probe sees it, the client's retries (~24 s) never start
+    started = time.perf_counter()
+    assert fetch_file(repo_id, filename).path == cached.path  # the cache only
+    with pytest.raises(HubUnreachable, match="not in the local Hub cache"):
+        fetch_file(repo_id, "no-such-file.json")
+    with pytest.raises(HubUnreachable, match="not in the local Hub cache"):
+        resolve("someone/never-fetched")
+    assert time.perf_counter() - started < 10
+
+
 def test_check_data_stops_asking_an_unreachable_hub(hub, empty_root, monkeypatch):
     from huggingface_hub import constants
 

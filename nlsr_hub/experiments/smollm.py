@@ -109,11 +109,9 @@ def fetch_hub_model(hub: HubModel | None = None, *, local_files_only: bool = Fal
     """The Hub snapshot of `hub` (default `HUB_MODEL`; only its `files`), downloaded into the Hugging Face cache
     or read from there (``HF_HUB_OFFLINE``, `local_files_only`). `hub.HubUnreachable` when it is not cached and the
     Hub cannot be asked; a `ValueError` naming the problem otherwise."""
-    from ..hub import endpoint_reachable, resolve
+    from ..hub import resolve
 
     hub = hub or HUB_MODEL
-    # no answer from the endpoint in a few seconds: read the cache only, rather than wait out the client's retries
-    local_files_only = local_files_only or not endpoint_reachable()
     resolved = resolve(hub.spec(), files=(), patterns=hub.files, local_files_only=local_files_only)
     if not _model_folder(resolved.local_path):
         raise ValueError(f"{hub.spec()} has no config.json and *.safetensors weights (pickled weights are never "
