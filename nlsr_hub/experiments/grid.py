@@ -67,10 +67,12 @@ def variants(settings: GridSettings, attacks: list[tuple[str, float]], focus: li
     """(row name, config overrides, attacks) of every realignment the grid runs: NLSR with the paper's settings on
     every attack, the other scorers and the ablations on the focus attack, Safe LoRA (τ rule everywhere, lowest
     shares on the focus), and, where the project's default restorer is not the paper's NLSR, the default on every
-    attack. Overrides apply to the ``paper`` preset unless they name another (``"preset": "default"``)."""
+    attack (with `settings.evaluate_paper` off, the default alone). Overrides apply to the ``paper`` preset unless
+    they name another (``"preset": "default"``)."""
     distinct = NLSRConfig.preset("default") != NLSRConfig.preset("paper")
-    paper = [("nlsr", {}, attacks)] if settings.evaluate_paper or not distinct else []
-    out: list[tuple[str, dict[str, Any], list[tuple[str, float]]]] = paper
+    out: list[tuple[str, dict[str, Any], list[tuple[str, float]]]] = []
+    if settings.evaluate_paper or not distinct:
+        out.append(("nlsr", {}, attacks))
     if distinct:
         out.append(("default", {"preset": "default"}, attacks))
     out += [(f"nlsr-{s}", {"scorer": s}, focus) for s in settings.scorers]

@@ -76,7 +76,7 @@ HEAD_TO_HEAD_EVAL = EvalSettings(advbench=None, beavertails=None, harmless=100, 
 
 @dataclass(frozen=True)
 class HeadToHeadSettings:
-    """The pair to realign (`pair`: the demo preset's sizes), the evaluation sizes and the sweeps."""
+    """The pair to realign (`pair`: the pinned `presets.PAIR`), the evaluation sizes and the sweeps."""
 
     pair: GridSettings = PAIR
     methods: tuple[str, ...] = ("sft",)
