@@ -124,7 +124,7 @@ def _hub_errors(repo_id: str, revision: str | None, where: str, *, entry_missing
         status = getattr(getattr(err, "response", None), "status_code", None)
         if status in (401, 403):
             raise ValueError(f"The Hub refused access to {repo_id} ({status}): pass a valid `token`.") from None
-        raise ValueError(f"Downloading {where} failed ({status}): {_one_line(err)}") from None
+        raise ValueError(f"Downloading {where} failed ({status}): {one_line(err)}") from None
 
 
 def resolve(
@@ -203,7 +203,7 @@ def _upload_error(repo_id: str, err: Exception) -> ValueError:
     status = getattr(getattr(err, "response", None), "status_code", None)
     if status in (401, 403):
         return ValueError(f"The Hub refused the upload to {repo_id} ({status}): pass a valid write token.")
-    return ValueError(f"Uploading to {repo_id} failed ({status}); nothing was committed. {_one_line(err)}")
+    return ValueError(f"Uploading to {repo_id} failed ({status}); nothing was committed. {one_line(err)}")
 
 
 def push_folder_with(
@@ -236,10 +236,11 @@ def push_folder_with(
     except HfHubHTTPError as err:
         raise _upload_error(repo_id, err) from None
     except RuntimeError as err:  # raised by upload_folder when a file transfer fails for good
-        raise ValueError(f"Uploading to {repo_id} was interrupted; nothing was committed. {_one_line(err)}") from None
+        raise ValueError(f"Uploading to {repo_id} was interrupted; nothing was committed. {one_line(err)}") from None
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
+    """An error message on one line (newlines and runs of spaces collapsed)."""
     return " ".join(str(err).split())
 
 
@@ -292,7 +293,7 @@ def list_adapter_repos(prefix: str, *, token: str | bool | None = None) -> list[
         if status in (401, 403):
             raise ValueError(f"The Hub refused to list the repos of {owner!r} ({status}): pass a valid `token`."
                              ) from None
-        raise ValueError(f"Listing the repos of {owner!r} failed ({status}): {_one_line(err)}") from None
+        raise ValueError(f"Listing the repos of {owner!r} failed ({status}): {one_line(err)}") from None
     wanted = f"{owner}/{name_prefix}"
     found = [m.id for m in models
              if m.id.startswith(wanted) and any(s.rfilename == ADAPTER_FILES[0] for s in (m.siblings or []))]

