@@ -31,7 +31,7 @@ import torch
 from nlsr_hub.adapters import LoraAdapter, LoraModule
 from nlsr_hub.calibration import default_calibration, encode_pairs, iter_batches
 from nlsr_hub.config import NLSRConfig
-from nlsr_hub.envinfo import device_info
+from nlsr_hub.envinfo import cpu_line, device_info
 from nlsr_hub.hardware import NATIVE_BF16_FLAGS
 from nlsr_hub.masks import ModuleMask
 from nlsr_hub.modeling import attached_adapter
@@ -281,10 +281,9 @@ def part_c() -> None:
 def cpu_capability() -> str:
     """The CPU this run measured on, as `nlsr env` reports it, and whether bf16 is native here."""
     device = device_info()
-    features = ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in device["cpu_features"].items())
     native = any(device["cpu_features"].get(flag) for flag in NATIVE_BF16_FLAGS)
-    return (f"CPU: {device['cpu']}, {device['cores']} cores (torch {torch.__version__}, threads "
-            f"{device['torch_threads']}); {features}; native bf16 {'yes' if native else 'no (torch emulates bf16)'}")
+    return (f"CPU: {cpu_line(device)}; torch {torch.__version__}; native bf16 "
+            f"{'yes' if native else 'no (torch emulates bf16)'}")
 
 
 def main() -> None:

@@ -85,14 +85,19 @@ def environment(data: str | Path | None = None) -> dict[str, Any]:
             "model": model_info(), "data": data_info(data)}
 
 
+def cpu_line(device: dict[str, Any]) -> str:
+    """The CPU of `device_info` on one line: model, cores, torch threads and each speed-deciding feature."""
+    features = ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in device["cpu_features"].items())
+    return f"{device['cpu']}, {device['cores']} cores (torch threads {device['torch_threads']}); {features}"
+
+
 def format_environment(info: dict[str, Any]) -> str:
     """`environment()` as the text a bug report pastes."""
     device, precision = info["device"], info["training_precision"]
-    features = ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in device["cpu_features"].items())
     lines = ["nlsr-hub environment", "",
              f"- platform: {info['platform']}, Python {info['python']}",
              *(f"- {name}: {version or 'not installed'}" for name, version in info["packages"].items()),
-             f"- CPU: {device['cpu']}, {device['cores']} cores (torch threads {device['torch_threads']}); {features}",
+             f"- CPU: {cpu_line(device)}",
              f"- GPU: {device['cuda'] or 'none'}" + (f" (bf16: {device['cuda_bf16']})" if device["cuda"] else ""),
              f"- training precision: {'bf16' if precision['bf16'] else 'fp32'} ({precision['reason']})",
              *(f"- {name}: {value}" for name, value in info["caches"].items()),
