@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .errors import AdapterError
-from .io import atomic_directory, atomic_write_bytes, atomic_write_text, check_readable_file, read_text_file
+from .io import atomic_directory, atomic_file, atomic_write_text, check_readable_file, read_text_file
 from .variants import check_config_variant, check_tensor_key
 
 logger = logging.getLogger(__name__)
@@ -310,6 +310,16 @@ def _build_module(directory: Path, name: str, pair: Mapping[str, torch.Tensor], 
         raise AdapterError(f"{directory}: module {name!r}: {err}") from None
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value of the floating-point `tensor` is finite, in one reduction pass: its minimum and maximum
+    are finite exactly when it holds no NaN (which both propagate) and no infinity. `torch.isfinite(t).all()` gives
+    the same answer but builds a boolean tensor first, 10-30x slower on CPU (bf16 has no vectorised kernel)."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor.detach())
+    return math.isfinite(low.item()) and math.isfinite(high.item())
+
+
 def check_finite(adapter: LoraAdapter, source: str) -> None:
     """Raise an `AdapterError` naming the module if any factor or scale of `adapter` is NaN or infinite (`source`
     names the adapter in the message)."""
@@ -319,7 +329,7 @@ def check_finite(adapter: LoraAdapter, source: str) -> None:
             raise AdapterError(f"{source}: module {name!r} has a non-finite LoRA scale ({module.scale}); check "
                                "`lora_alpha` / `alpha_pattern` and `beta`.")
         for factor, tensor in (("lora_A", module.A), ("lora_B", module.B)):
-            if not bool(torch.isfinite(tensor).all()):
+            if not all_finite(tensor):
                 raise AdapterError(f"{source}: module {name!r} has NaN or infinite values in {factor}; the adapter "
                                    "is damaged (a diverged training run or a corrupt file): retrain or re-download it.")
 
@@ -370,14 +380,22 @@ def adapter_state_dict(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
     return state
 
 
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """Write `tensors` to the safetensors file `path` atomically and durably, straight from the tensors into the
+    file: the same bytes as ``safetensors.torch.save(tensors, metadata)``, without first building them in memory
+    (two extra copies of the whole file)."""
+    from safetensors.torch import save_file
+
+    with atomic_file(path) as tmp:
+        save_file(dict(tensors), str(tmp), metadata=dict(metadata))
+
+
 def write_adapter_files(adapter: LoraAdapter, folder: Path) -> None:
     """Write `adapter`'s two PEFT files into the existing `folder` (byte-deterministic); NaN or infinite values are
     refused, never written."""
-    from safetensors.torch import save
-
     check_finite(adapter, "the adapter to save")
     state = adapter_state_dict(adapter)
-    atomic_write_bytes(folder / WEIGHTS_NAME, save(dict(sorted(state.items())), metadata={"format": "pt"}))
+    write_safetensors(folder / WEIGHTS_NAME, dict(sorted(state.items())), metadata={"format": "pt"})
     try:
         config_text = json.dumps(adapter_config_for(adapter), indent=2, allow_nan=False)
     except ValueError:

@@ -17,11 +17,10 @@ from typing import Any
 
 import torch
 
-from .adapters import AdapterError, LoraAdapter, LoraModule, check_finite
+from .adapters import AdapterError, LoraAdapter, LoraModule, check_finite, write_safetensors
 from .hub import PushToHubMixin, lineage_paths
 from .io import (
     atomic_directory,
-    atomic_write_bytes,
     atomic_write_text,
     check_not_an_input,
     check_readable_file,
@@ -92,8 +91,6 @@ class SafetyPatch(PushToHubMixin):
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the patch (safetensors + JSON + README; byte-deterministic) beside `path` and swap it in as a whole.
         `path` must be new, empty or an earlier safety patch, and never one of the patch's local inputs."""
-        from safetensors.torch import save
-
         tensors: dict[str, torch.Tensor] = {}
         modules_meta: dict[str, Any] = {}
         for name in sorted(self.reference.modules):
@@ -115,7 +112,7 @@ class SafetyPatch(PushToHubMixin):
         }
         check_not_an_input(path, lineage_paths(self.metadata.get("inputs", {})), flag="path")
         with atomic_directory(path, owned=PATCH_FOLDER_FILES, marker=PATCH_META_NAME) as directory:
-            atomic_write_bytes(directory / PATCH_WEIGHTS_NAME, save(tensors, metadata={"format": "nlsr-safety-patch"}))
+            write_safetensors(directory / PATCH_WEIGHTS_NAME, tensors, metadata={"format": "nlsr-safety-patch"})
             atomic_write_text(directory / PATCH_META_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
             atomic_write_text(directory / "README.md", self._card_text())
         return Path(path)
