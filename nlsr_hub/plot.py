@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import struct
 import zlib
+from typing import Any
 
 from .adapters import block_order
 from .plan import RealignmentPlan
 
 CELL = 18
 FRAME = 2
+WHITE, BLACK = (255, 255, 255), (0, 0, 0)
 
 
 def _png(width: int, height: int, rows: list[bytes]) -> bytes:
@@ -37,30 +39,45 @@ def layout(plan: RealignmentPlan) -> tuple[list[int | None], list[str]]:
     return blocks, types
 
 
+def _cell_pattern(patched: bool) -> list[tuple[tuple[str, int], ...]]:
+    """Each pixel row of a cell as runs of ``(kind, length)``: ``edge`` (the white border between cells), ``frame``
+    (black, patched cells only) or ``fill`` (the similarity colour)."""
+    pattern = []
+    for y in range(CELL):
+        runs: list[list[Any]] = []
+        for x in range(CELL):
+            edge = min(y, CELL - 1 - y, x, CELL - 1 - x)
+            kind = "edge" if edge == 0 else "frame" if patched and edge <= FRAME else "fill"
+            if runs and runs[-1][0] == kind:
+                runs[-1][1] += 1
+            else:
+                runs.append([kind, 1])
+        pattern.append(tuple((kind, length) for kind, length in runs))
+    return pattern
+
+
+def _cell_rows(pattern: list[tuple[tuple[str, int], ...]], fill: tuple[int, int, int]) -> list[bytes]:
+    """The RGB bytes of a cell's pixel rows (`pattern` from `_cell_pattern`)."""
+    colours = {"edge": bytes(WHITE), "frame": bytes(BLACK), "fill": bytes(fill)}
+    return [b"".join(colours[kind] * length for kind, length in runs) for runs in pattern]
+
+
 def similarity_heatmap_png(plan: RealignmentPlan, *, low: float | None = None) -> bytes:
-    """PNG bytes of the blocks × module types similarity map of `plan` (patched cells framed in black)."""
+    """PNG bytes of the blocks × module types similarity map of `plan` (patched cells framed in black). Built a
+    cell row at a time (runs of one colour), not pixel by pixel."""
     blocks, types = layout(plan)
     cells = {(m.block, m.module_type): m for m in plan.modules}
     if low is None:
         low = min((m.similarity for m in plan.modules), default=0.0)
         low = min(low, 0.999)
-    width, height = len(types) * CELL, len(blocks) * CELL
-    white = (255, 255, 255)
-    grid = [[white] * width for _ in range(height)]
-    for r, block in enumerate(blocks):
-        for c, kind in enumerate(types):
+    patterns = {patched: _cell_pattern(patched) for patched in (False, True)}
+    empty = [bytes(WHITE) * CELL] * CELL
+    rows: list[bytes] = []
+    for block in blocks:
+        strips = []
+        for kind in types:
             module = cells.get((block, kind))
-            if module is None:
-                continue
-            fill = _colour(module.similarity, low)
-            for y in range(r * CELL, (r + 1) * CELL):
-                for x in range(c * CELL, (c + 1) * CELL):
-                    edge = min(y - r * CELL, (r + 1) * CELL - 1 - y, x - c * CELL, (c + 1) * CELL - 1 - x)
-                    if edge == 0:
-                        grid[y][x] = white
-                    elif module.patched and edge <= FRAME:
-                        grid[y][x] = (0, 0, 0)
-                    else:
-                        grid[y][x] = fill
-    rows = [bytes(channel for pixel in row for channel in pixel) for row in grid]
-    return _png(width, height, rows)
+            strips.append(empty if module is None
+                          else _cell_rows(patterns[module.patched], _colour(module.similarity, low)))
+        rows.extend(b"".join(strip[y] for strip in strips) for y in range(CELL))
+    return _png(len(types) * CELL, len(blocks) * CELL, rows)
