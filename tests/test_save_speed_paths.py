@@ -1,9 +1,11 @@
-"""The fast paths of a result's save against the straightforward definitions: the finite check in one reduction,
-safetensors written straight into the staging file, and the heat map built a run of pixels at a time. Each must give
-the answer (refusals, with their messages) or the bytes that the plain code gives."""
+"""The fast paths of a fleet adapter's input hash and result save against the straightforward definitions: the input
+files hashed through a mapping, the finite check in one reduction, safetensors written straight into the staging file,
+and the heat map built a run of pixels at a time. Each must give the answer (refusals, with their messages) or the
+bytes that the plain code gives."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import struct
@@ -25,11 +27,35 @@ from nlsr_hub.adapters import (
     write_adapter_files,
     write_safetensors,
 )
+from nlsr_hub.fleet.work import files_sha256
 from nlsr_hub.io import atomic_file
 from nlsr_hub.plan import ModuleDecision, RealignmentPlan
 from nlsr_hub.plot import CELL, FRAME, _colour, layout, similarity_heatmap_png
 
 FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------------------------- input hash
+
+
+def plain_files_sha256(folder: Path, names: tuple[str, ...]) -> str:
+    digest = hashlib.sha256()
+    for name in names:
+        data = (folder / name).read_bytes()
+        digest.update(f"\n{name} {len(data)}\n".encode() + data)
+    return digest.hexdigest()
+
+
+def test_the_input_hash_is_the_sha256_of_names_sizes_and_bytes(tmp_path):
+    assert files_sha256(tmp_path) is None  # no adapter files: loading reports what is missing
+    (tmp_path / "adapter_config.json").write_bytes(b"")  # an empty file cannot be mapped
+    assert files_sha256(tmp_path) == plain_files_sha256(tmp_path, ("adapter_config.json",))
+    (tmp_path / "adapter_config.json").write_text('{"r": 4}')
+    (tmp_path / "adapter_model.safetensors").write_bytes(os.urandom((1 << 20) + 3))
+    (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
+    (tmp_path / "README.md").write_text("not hashed")
+    names = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+    assert files_sha256(tmp_path) == plain_files_sha256(tmp_path, names)
 
 
 # --------------------------------------------------------------------------------------------- finite check
