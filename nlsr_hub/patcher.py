@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,16 @@ def check_same_base(adapters: Mapping[str, LoraAdapter]) -> None:
             f"The adapters were trained on different base models ({listing}). NLSR compares adapters of one "
             "base model; pass adapters of the same base, or `strict_base=False` if these names are the same model."
         )
+
+
+def _utility_rows(source: Any) -> list[Any] | None:
+    """The user's task rows for the utility check (any calibration source), or None."""
+    if source is None:
+        return None
+    try:
+        return load_calibration(source)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"Utility rows: {str(err).replace('calibration data', 'task data')}") from None
 
 
 def _check_inputs(**inputs: Any) -> None:
@@ -331,3 +343,66 @@ class NLSRPatcher:
         """
         plan, patch, adapter = self._restore(calibration, finetuned, finetuned_lineage, progress, build=not dry_run)
         return RealignmentResult(plan=plan, adapter=adapter, config=self.config, safety_patch=patch)
+
+    def _with_config(self, config: NLSRConfig) -> NLSRPatcher:
+        """A twin sharing this patcher's model, inputs and reference, with its own config and safety patches."""
+        twin = copy.copy(self)
+        twin.config = config
+        twin._computed_patches, twin._last_patch = {}, None
+        return twin
+
+    def choose(
+        self,
+        calibration: Any = None,
+        *,
+        candidates: Mapping[str, Mapping[str, Any]] | None = None,
+        probes: Sequence[str] | None = None,
+        utility: Any = None,
+        tolerance: float | None = None,
+        finetuned: LoraAdapter | None = None,
+        finetuned_lineage: Mapping[str, Any] | None = None,
+        progress: bool = True,
+    ) -> RealignmentResult:
+        """Realign with every candidate restorer configuration and keep the one measured safest (`nlsr_hub.choice`).
+
+        Each candidate's realigned model answers the `probes` (harmful prompts; default: the first 64 calibration
+        prompts) and its non-refusal rate is measured with the keyword refusal judge; with `utility` rows of the
+        user's own task (``(prompt, response)`` pairs, any calibration source), their mean response NLL is measured
+        too and a candidate whose NLL rose by more than `tolerance` (nats per token) over the fine-tuned adapter's is
+        passed over. The result is the chosen candidate's, and its plan records every measurement (``choice``).
+
+        Args:
+            candidates: label -> `NLSRConfig` changes (``{"preset": name}`` starts from a preset); default
+                `choice.CANDIDATES` (the default, the paper's NLSR, halfway interpolation). Each keeps this
+                patcher's run settings (`choice.RUN_FIELDS`: beta, seed, calibration sizes).
+        """
+        from .choice import CANDIDATES, DEFAULT_PROBES, DEFAULT_TOLERANCE, Choice, candidate_config, measure, pick
+
+        tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
+        target = self._target(finetuned)
+        probe_prompts = list(probes) if probes is not None else [
+            p.prompt for p in load_calibration(calibration, limit=self.config.max_calibration_samples)][:DEFAULT_PROBES]
+        utility_rows = _utility_rows(utility)
+        model, tokenizer = self._load_model()
+        if self._supplied_patch is not None:
+            raise ValueError("`choose` realigns with several configurations, and a saved safety patch holds one "
+                             "configuration's masks: pass the aligned adapter (or a reference) and the base model.")
+        self.reference_adapter()  # built once, shared by every candidate
+
+        def probe(adapter: LoraAdapter, label: str) -> Any:
+            return measure(model, tokenizer, adapter, probe_prompts, utility_rows, batch_size=self.config.batch_size,
+                           max_length=self.config.max_length, progress=progress, desc=f"nlsr: probe {label}")
+
+        before = probe(target, "fine-tuned")
+        tried = []
+        for label, changes in (CANDIDATES if candidates is None else candidates).items():
+            result = self._with_config(candidate_config(self.config, changes)).realign(
+                calibration, finetuned=target, finetuned_lineage=finetuned_lineage, progress=progress)
+            tried.append((label, dict(changes), probe(result.adapter, label), result))
+        index, reason = pick(before, [m for _, _, m, _ in tried], tolerance)
+        label, _, _, chosen = tried[index]
+        choice = Choice(before, tuple((lab, ch, m) for lab, ch, m, _ in tried), label, tolerance, reason)
+        logger.info("nlsr: chose %r (%s)\n%s", label, reason, choice.table())
+        plan = dataclasses.replace(chosen.plan, choice=choice.to_dict())
+        return RealignmentResult(plan=plan, adapter=chosen.adapter, config=chosen.config,
+                                 safety_patch=chosen.safety_patch)

@@ -94,6 +94,8 @@ class RealignmentPlan:
     # the recipe that actually ran: effective scorer, mask rule, draw order and swap scaling (`realignment_recipe`);
     # empty in plans written before it was recorded, which `recipe_value` reads as `LEGACY_RECIPE`
     recipe: Mapping[str, Any] = field(default_factory=dict)
+    # how the restorer was chosen by measurement (`NLSRPatcher.choose`: `choice.Choice.to_dict`); empty otherwise
+    choice: Mapping[str, Any] = field(default_factory=dict)
     format: int = PLAN_FORMAT
 
     @property
@@ -203,6 +205,7 @@ class RealignmentPlan:
             "recipe": dict(self.recipe),
             "summary": self.summary(),
             "modules": [asdict(m) for m in self.modules],
+            **({"choice": dict(self.choice)} if self.choice else {}),
         }
 
     def to_json(self) -> str:
@@ -217,7 +220,7 @@ class RealignmentPlan:
         if data.get("format") != PLAN_FORMAT:
             raise ValueError(f"Unsupported plan format {data.get('format')!r}; this nlsr-hub reads {PLAN_FORMAT}.")
         for key, kind in (("modules", list), ("config", dict), ("inputs", dict), ("calibration", dict),
-                          ("recipe", dict)):
+                          ("recipe", dict), ("choice", dict)):
             if not isinstance(data.get(key, kind()), kind) or (key in ("modules", "config") and key not in data):
                 raise TypeError(f"The plan's `{key}` must be a JSON {'array' if kind is list else 'object'}.")
         modules = tuple(_decision(m) for m in data["modules"])
@@ -227,7 +230,8 @@ class RealignmentPlan:
         _check_plan_config(data["config"])
         _check_recipe(data.get("recipe", {}))
         return cls(modules=modules, config=dict(data["config"]), inputs=dict(data.get("inputs", {})),
-                   calibration=dict(data.get("calibration", {})), recipe=dict(data.get("recipe", {})))
+                   calibration=dict(data.get("calibration", {})), recipe=dict(data.get("recipe", {})),
+                   choice=dict(data.get("choice", {})))
 
     @classmethod
     def from_json(cls, text: str) -> RealignmentPlan:
