@@ -3,8 +3,8 @@
 (1) adapters per minute of `nlsr realign` fleet mode, sequential vs Ray on this machine's cores (target: Ray >= 1.7x
     on 2 cores), over a fleet of Llama-3-8B-shaped adapters (224 modules, rank 16 by default), same bytes checked;
 (2) the per-adapter cost of fleet mode for Llama-3-8B-shaped adapters at rank 16 and 128 (resolve, hash, load,
-    realign, save: one `realign_one` call, as the engines run it) against the time to copy the same adapter files
-    (target <= 1.5x), with where the time goes.
+    realign, save to a new folder: one `realign_one` call, as the engines run it) against the time to copy the same
+    adapter files to a new folder (target <= 1.5x), with where the time goes.
 
 The restorer is the paper's NLSR engine (`--preset paper`, the default here: low-rank throughout, so an adapter costs
 its I/O, similarity, plan and patch); `--preset default` measures the project's default restorer, nlsr-addback,
@@ -42,7 +42,7 @@ from nlsr_hub.adapters import LLAMA_TARGETS, LoraAdapter, LoraModule
 from nlsr_hub.fleet import FleetSettings, realign_fleet
 from nlsr_hub.fleet.driver import prepare_shared
 from nlsr_hub.fleet.engines import torch_threads
-from nlsr_hub.fleet.work import FleetTarget, files_sha256, realign_one
+from nlsr_hub.fleet.work import FleetShared, FleetTarget, files_sha256, realign_one
 from nlsr_hub.safety_patch import build_safety_patch
 
 BASE_ID = "meta-llama/Meta-Llama-3-8B"
@@ -156,9 +156,11 @@ def copy_seconds(folder: Path, target: Path, *, durable: bool = False) -> float:
     return time.perf_counter() - start
 
 
-def breakdown(patch: Path, spec: str, out: Path, config: NLSRConfig) -> dict[str, float]:
-    """Where one adapter's time goes: hash, load, realign (similarity, plan, patch) and save."""
-    patcher = NLSRPatcher.from_pretrained(None, safety_patch=patch, config=config)
+def breakdown(shared: FleetShared, spec: str, out: Path) -> dict[str, float]:
+    """Where one adapter's time goes: hash, load, realign (similarity, plan, patch) and save, against the fleet's
+    shared patch as `realign_one` uses it (its reference norms already kept)."""
+    patcher = NLSRPatcher(safety_patch=shared.patch, aligned=shared.aligned, config=shared.config,
+                          inputs=shared.inputs)
     times = {}
     start = time.perf_counter()
     files_sha256(Path(spec))
@@ -189,12 +191,13 @@ def part_cost(root: Path, args: argparse.Namespace) -> None:
             for _ in range(args.repeats):
                 copies.append(copy_seconds(Path(spec), root / f"copy-r{rank}"))
                 durable.append(copy_seconds(Path(spec), root / f"copy-r{rank}", durable=True))
+                shutil.rmtree(settings.output_dir / target.name)  # a new result, as each copy goes to a new folder
                 start = time.perf_counter()
                 row = realign_one(target, shared, settings)
                 costs.append(time.perf_counter() - start)
                 if row["error"]:
                     raise RuntimeError(row["error"])
-            parts = breakdown(patch, spec, root / f"breakdown-r{rank}", config)
+            parts = breakdown(shared, spec, root / f"breakdown-r{rank}")
         size = sum(f.stat().st_size for f in Path(spec).iterdir()) / 2**20
         copy, cost = statistics.median(copies), statistics.median(costs)
         detail = ", ".join(f"{k} {v:.2f} s" for k, v in parts.items())
