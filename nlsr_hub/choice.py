@@ -40,6 +40,7 @@ RUN_FIELDS = ("beta", "seed", "max_calibration_samples", "batch_size", "max_leng
 DEFAULT_TOLERANCE = 0.05  # nats per response token of the user's task rows
 DEFAULT_PROBES = 64  # probe prompts drawn from the calibration data when none are given
 PROBE_TOKENS = 32
+UTILITY_MAX_LENGTH = 512  # tokens of a task row (prompt and response) kept for its NLL
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ def pick(finetuned: Measurement, candidates: Sequence[Measurement], tolerance: f
 
 
 def response_nll(model: Any, tokenizer: Any, rows: Sequence[CalibrationPair], *, batch_size: int = 8,
-                 max_length: int = 256) -> float:
+                 max_length: int = UTILITY_MAX_LENGTH) -> float:
     """Mean negative log-likelihood per response token of `rows` (prompt, response) under `model`."""
     samples = encode_pairs(tokenizer, rows, max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -147,7 +148,7 @@ def response_nll(model: Any, tokenizer: Any, rows: Sequence[CalibrationPair], *,
 
 def measure(model: Any, tokenizer: Any, adapter: LoraAdapter, probes: Sequence[str],
             utility: Sequence[CalibrationPair] | None = None, *, max_new_tokens: int = PROBE_TOKENS,
-            batch_size: int = 16, max_length: int = 256, progress: bool = False, desc: str = "nlsr: probe"
+            batch_size: int = 16, max_length: int = UTILITY_MAX_LENGTH, progress: bool = False, desc: str = "nlsr: probe"
             ) -> Measurement:
     """Attach `adapter` to `model` and measure it: the non-refusal rate on `probes` (greedy, `max_new_tokens`) and,
     when `utility` rows are given, their mean response NLL. The model is left as it was."""

@@ -391,7 +391,7 @@ class NLSRPatcher:
 
         def probe(adapter: LoraAdapter, label: str) -> Any:
             return measure(model, tokenizer, adapter, probe_prompts, utility_rows, batch_size=self.config.batch_size,
-                           max_length=self.config.max_length, progress=progress, desc=f"nlsr: probe {label}")
+                           progress=progress, desc=f"nlsr: probe {label}")
 
         before = probe(target, "fine-tuned")
         tried = []

@@ -376,13 +376,22 @@ def test_head_to_head_on_the_tiny_pair(fake_data, tmp_path):
     results = run_head_to_head(settings, out=tmp_path / "out", on_point=seen.append, **kwargs)
     points = [r["point"] for r in results["rows"]]
     # the `first` points, then round-robin over the sweeps, the reference last
-    assert points == ["fine-tuned", "default", "nlsr-addback strength=1", "addback strength=0.5", "addback strength=1",
-                      "reference (EXPO)"]
+    assert points == ["fine-tuned", "default", "measured choice", "nlsr-addback strength=1", "addback strength=0.5",
+                      "addback strength=1", "reference (EXPO)"]
     assert [r["point"] for r in seen] == points
     # the full evaluation sets: every AdvBench prompt not used in alignment, every BeaverTails prompt, all SST-2
     assert results["sizes"] == {"harmful_eval": {"advbench": len(HARMFUL) - 6, "beavertails": 4},
                                 "harmless_eval": 3, "sst2": 5}
     rows = {r["point"]: r for r in results["rows"]}
+    # the measured choice: every candidate measured, the chosen one realigned alone (same bytes) and evaluated
+    from nlsr_hub.choice import CANDIDATES, candidate_config
+
+    choice = rows["measured choice"]["choice"]
+    assert [c["label"] for c in choice["candidates"]] == list(CANDIDATES) and choice["chosen"] in CANDIDATES
+    assert choice["finetuned"]["utility_rows"] > 0 and choice["finetuned"]["probes"] > 0
+    base = NLSRConfig.preset("default", seed=TINY.seed, **TINY.nlsr)
+    assert rows["measured choice"]["config"] == candidate_config(base, CANDIDATES[choice["chosen"]]).to_dict()
+    assert "Measured choice: **" in (tmp_path / "out" / "results.md").read_text()
     assert rows["addback strength=0.5"]["restorer"] == "addback" and rows["addback strength=0.5"]["patched"] == "14/14"
     for row in results["rows"]:
         assert row["mean_nonrefusal"] == pytest.approx((row["hs_advbench"] + row["hs_beavertails"]) / 2)
@@ -397,10 +406,11 @@ def test_head_to_head_on_the_tiny_pair(fake_data, tmp_path):
     again = run_head_to_head(settings, out=tmp_path / "again", **kwargs)
     assert [strip(r) for r in again["rows"]] == [strip(r) for r in results["rows"]]
     # `first` can pull the reference forward, and --max-points then picks exactly the points named first
-    picked = dataclasses.replace(settings, first=("reference (EXPO)", "addback strength=1"), max_points=4)
+    picked = dataclasses.replace(settings, first=("reference (EXPO)", "addback strength=1"), max_points=5)
     picked_rows = run_head_to_head(picked, out=tmp_path / "picked", **kwargs)["rows"]
-    assert [r["point"] for r in picked_rows] == ["fine-tuned", "default", "reference (EXPO)", "addback strength=1"]
-    assert strip(picked_rows[2]) == strip(rows["reference (EXPO)"])
+    assert [r["point"] for r in picked_rows] == ["fine-tuned", "default", "measured choice", "reference (EXPO)",
+                                                 "addback strength=1"]
+    assert strip(picked_rows[3]) == strip(rows["reference (EXPO)"])
 
 
 def strip(row: dict) -> dict:

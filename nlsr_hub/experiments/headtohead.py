@@ -11,17 +11,19 @@ calibration prompts exclude every evaluation prompt. Each point is cached, so an
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..adapters import load_adapter
 from ..config import NLSRConfig
 from ..hardware import machine
 from . import stages as step
 from .cache import Stages, cache_root, load_json
-from .data import data_root
+from .data import data_root, load_finetune_mix
 from .evaluate import EvalSettings
 from .grid import align_all
 from .presets import PAIR
@@ -69,6 +71,8 @@ FIRST = ("nlsr (paper) prune_ratio=0.5", "addback strength=1", "nlsr-addback (ro
          "safelora fraction=0.5", "interpolate strength=0.5", "addback strength=1.25")
 
 REFERENCE_POINT = "reference (EXPO)"
+CHOICE_POINT = "measured choice"  # `NLSRPatcher.choose` over `choice.CANDIDATES`, evaluated on the same sets
+UTILITY_ROWS = 64  # the attack mix's first harmless rows: the user's own task rows for the choice's utility check
 
 HEAD_TO_HEAD_EVAL = EvalSettings(advbench=None, beavertails=None, harmless=100, hs_new_tokens=40, fa={"sst2": None},
                                  batch_size=32)
@@ -84,6 +88,7 @@ class HeadToHeadSettings:
     eval: EvalSettings = HEAD_TO_HEAD_EVAL
     sweeps: tuple[Sweep, ...] = SWEEPS
     evaluate_reference: bool = True
+    evaluate_choice: bool = True  # the measured choice (`CHOICE_POINT`), right after the default
     first: tuple[str, ...] = FIRST  # point labels run before the round-robin rest, in this order
     # run only the first N points of each pair, or of each named pair (the report lists the rest as not run)
     max_points: int | Mapping[str, int] | None = None
@@ -97,7 +102,8 @@ class HeadToHeadSettings:
     def to_dict(self) -> dict[str, Any]:
         return {"pair": self.pair.to_dict(), "methods": list(self.methods), "preference_chosen": self.preference_chosen,
                 "eval": self.eval.to_dict(), "sweeps": [dataclasses.asdict(s) for s in self.sweeps],
-                "evaluate_reference": self.evaluate_reference, "first": list(self.first),
+                "evaluate_reference": self.evaluate_reference, "evaluate_choice": self.evaluate_choice,
+                "first": list(self.first),
                 "max_points": dict(self.max_points) if isinstance(self.max_points, Mapping) else self.max_points}
 
 
@@ -124,12 +130,15 @@ class _Pair:
     target: Any
     ref: Any
     calibration: tuple[list[dict[str, Any]], Any]
+    utility: tuple[dict[str, str], ...] = ()
 
 
 def _points(settings: HeadToHeadSettings, pair: GridSettings, fixed: _Pair) -> list[tuple[str, Any, Any]]:
     """(label, config or None, model or None) of every point, in the order they run."""
     points: list[tuple[str, Any, Any]] = [("fine-tuned", None, fixed.target)]
     points += [("default", NLSRConfig.preset("default", seed=pair.seed, **pair.nlsr), None)]
+    if settings.evaluate_choice:
+        points.append((CHOICE_POINT, None, None))
     rest: list[tuple[str, Any, Any]] = [(label, config, None) for label, config in
                                         round_robin(settings.sweeps, pair.seed, pair.nlsr)]
     if settings.evaluate_reference:  # the ceiling of what a transplant can restore: last unless in `first`
@@ -139,17 +148,44 @@ def _points(settings: HeadToHeadSettings, pair: GridSettings, fixed: _Pair) -> l
     return points + rest
 
 
+def _chosen_config(ctx: Context, fixed: _Pair) -> tuple[NLSRConfig, dict[str, Any]]:
+    """Run the measured choice on the pair: the chosen candidate's config (realigned and evaluated as any point, so
+    a candidate measured before shares its cache) and the choice record."""
+    from ..choice import CANDIDATES, candidate_config
+
+    base = NLSRConfig.preset("default", seed=ctx.settings.seed, **ctx.settings.nlsr)
+    record = step.choose(ctx, fixed.method, base, fixed.aligned, fixed.ref, fixed.calibration, fixed.target,
+                         fixed.utility)
+    return candidate_config(base, CANDIDATES[record["chosen"]]), record
+
+
+def _check_same_adapter(model: Any, sha256: str) -> None:
+    """The chosen candidate realigned alone must be the adapter the choice measured (same file bytes)."""
+    from ..adapters import save_adapter
+    from ..fleet.work import files_sha256
+
+    with tempfile.TemporaryDirectory() as tmp:  # written the way the choice wrote its own
+        save_adapter(load_adapter(model.adapter), Path(tmp) / "adapter")
+        same = files_sha256(Path(tmp) / "adapter") == sha256
+    if not same:
+        raise RuntimeError("The chosen candidate realigned alone differs from the adapter the choice measured.")
+
+
 def _run_point(ctx: Context, eval_data: Any, fixed: _Pair, label: str, config: NLSRConfig | None, model: Any,
                finetuned_row: dict[str, Any] | None) -> dict[str, Any]:
     """Realign (unless the point is a fixed model) and evaluate one point; its row."""
     t0 = time.perf_counter()
     row: dict[str, Any] = {"method": fixed.method, "point": label}
+    if label == CHOICE_POINT:
+        config, row["choice"] = _chosen_config(ctx, fixed)
     if config is not None:
         out = step.realign(ctx, fixed.method, config.restorer, config, fixed.aligned, fixed.ref, fixed.calibration,
                            {"sst2-p0.05": fixed.target})["sst2-p0.05"]
         model = out.model
         row.update(restorer=config.restorer, config=config.to_dict(),
                    patched=f"{out.summary['modules_patched']}/{out.summary['modules_total']}")
+        if "choice" in row:
+            _check_same_adapter(model, row["choice"]["adapter_sha256"])
     row.update(step.evaluate(ctx, eval_data, model, ["sst2"]))
     row["mean_nonrefusal"] = mean_nonrefusal(row)
     reference_eval = Path((finetuned_row or row)["eval_dir"])
@@ -187,12 +223,14 @@ def run_head_to_head(settings: HeadToHeadSettings = HeadToHeadSettings(), *, out
                                          "harmless_eval": len(eval_data.eval_harmless),
                                          "sst2": len(eval_data.tasks["sst2"])},
                                "default": NLSRConfig.preset("default").to_dict(), "rows": []}
+    utility = tuple({"prompt": r["prompt"], "response": r["response"]} for r in load_finetune_mix(
+        root, "sst2", 0.05, n=pair.attack_n.get("sst2"), seed=pair.seed) if r["flag"] != "unsafe")[:UTILITY_ROWS]
     for method in settings.methods:
         ref = step.reference(pair_ctx, method, aligned[method], float(pair.nlsr.get("beta", NLSRConfig().beta)))
         rows, calib_key, info = step.calibrate(ctx, method, aligned[method], ref, eval_data.many_shot)
         results.setdefault("calibration", {})[method] = info
         fixed = _Pair(method, aligned[method], step.attack(pair_ctx, method, aligned[method], "sst2", 0.05), ref,
-                      (rows, calib_key))
+                      (rows, calib_key), utility)
         finetuned_row = None
         points = _points(settings, pair, fixed)
         limit = settings.points_limit(method)
@@ -210,4 +248,5 @@ def run_head_to_head(settings: HeadToHeadSettings = HeadToHeadSettings(), *, out
     return results
 
 
-__all__ = ["HEAD_TO_HEAD_EVAL", "SWEEPS", "HeadToHeadSettings", "Sweep", "mean_nonrefusal", "run_head_to_head"]
+__all__ = ["CHOICE_POINT", "HEAD_TO_HEAD_EVAL", "SWEEPS", "HeadToHeadSettings", "Sweep", "mean_nonrefusal",
+           "run_head_to_head"]

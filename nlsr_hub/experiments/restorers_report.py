@@ -114,6 +114,7 @@ def markdown(results: Mapping[str, Any]) -> str:
                                 for name, r in best)
             lines += ["", f"Best point of each restorer with FA >= the fine-tuned adapter's − {BAR_FA:g} "
                       f"({_fmt(ft['fa_sst2'] - BAR_FA)}): {listing or 'none'}."]
+        lines += choice_lines(rows)
         not_run = (results.get("not_run") or {}).get(method)
         if not_run:
             lines += ["", f"Not run in this session (`--max-points`): {', '.join(not_run)}."]
@@ -127,6 +128,25 @@ def markdown(results: Mapping[str, Any]) -> str:
                       f"{', '.join(check['better_at_equal_fa']) or 'none'}. **Met: {check['met']}**."]
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def choice_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """What the measured choice saw on its probe prompts and task rows, as markdown lines (none without it)."""
+    row = next((r for r in rows if "choice" in r), None)
+    if row is None:
+        return []
+    choice = row["choice"]
+    probes, utility = choice["finetuned"]["probes"], choice["finetuned"]["utility_rows"]
+
+    def fig(m: Mapping[str, Any]) -> str:
+        nll = m.get("utility_nll")
+        return f"{_fmt(m['non_refusal'])} % / NLL {nll:.3f}" if nll is not None else f"{_fmt(m['non_refusal'])} %"
+
+    seen = "; ".join([f"fine-tuned {fig(choice['finetuned'])}",
+                      *(f"{c['label']} {fig(c)}" for c in choice["candidates"])])
+    return ["", f"Measured choice: **{choice['chosen']}** ({choice['reason']}; tolerance {choice['tolerance']:g} "
+            f"nats/token). It saw, on {probes} calibration prompts (non-refusal, keyword judge) and {utility} harmless "
+            f"rows of the attack's own SST-2 training mix (response NLL per token): {seen}."]
 
 
 def find_point(results: Mapping[str, Any], method: str, restorer: str, config: Mapping[str, Any]
@@ -159,7 +179,7 @@ def pareto_figure(results: Mapping[str, Any], method: str, *, mark: Mapping[str,
     fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=110)
     curves: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        if r.get("restorer") and r["point"] != "default":
+        if r.get("restorer") and r["point"] != "default" and "choice" not in r:
             curves.setdefault(r["point"].rsplit(" ", 1)[0], []).append(r)
     for label, points in curves.items():
         points = sorted(points, key=lambda r: r["fa_sst2"])
@@ -173,6 +193,10 @@ def pareto_figure(results: Mapping[str, Any], method: str, *, mark: Mapping[str,
     if default is not None:
         ax.scatter([default["fa_sst2"]], [default["mean_nonrefusal"]], s=260, facecolors="none", edgecolors="red",
                    linewidths=2, label=f"default ({default['config']['restorer']})", zorder=6)
+    chosen = next((r for r in rows if "choice" in r), None)
+    if chosen is not None:
+        ax.scatter([chosen["fa_sst2"]], [chosen["mean_nonrefusal"]], marker="D", s=150, facecolors="none",
+                   edgecolors="blue", linewidths=2, label=f"measured choice ({chosen['choice']['chosen']})", zorder=6)
     if mark is not None:
         ax.scatter([mark["fa_sst2"]], [mark["mean_nonrefusal"]], marker="*", s=320, color="gold", edgecolors="black",
                    label=f"your setting: {mark['point']}", zorder=7)
@@ -213,5 +237,5 @@ def write_head_to_head(results: dict[str, Any], out: str | Path) -> None:
             atomic_write_bytes(out / ("pareto.png" if method == "sft" else f"pareto_{method}.png"), png)
 
 
-__all__ = ["BAR_CUT", "BAR_FA", "BAR_OVER_REFUSAL", "bar", "best_per_restorer", "find_point", "markdown",
-           "pareto_figure", "pareto_png", "write_head_to_head"]
+__all__ = ["BAR_CUT", "BAR_FA", "BAR_OVER_REFUSAL", "bar", "best_per_restorer", "choice_lines", "find_point",
+           "markdown", "pareto_figure", "pareto_png", "write_head_to_head"]

@@ -299,6 +299,33 @@ def realign(ctx: Context, method: str, name: str, config: NLSRConfig, aligned: M
     return out
 
 
+def choose(ctx: Context, method: str, config: NLSRConfig, aligned: Model, ref: Model,
+           calibration: tuple[list[dict[str, Any]], Any], target: Model, utility: Sequence[Mapping[str, str]]
+           ) -> dict[str, Any]:
+    """`NLSRPatcher.choose` on `target` (candidates `choice.CANDIDATES`, probes from the calibration prompts, the
+    utility check on `utility` rows of the user's task): the plan's ``choice`` record, with the sha256 of the chosen
+    adapter's saved files (``adapter_sha256``) so that the same candidate realigned alone can be checked against it."""
+    from ..choice import CANDIDATES, DEFAULT_PROBES, DEFAULT_TOLERANCE
+    from ..fleet.work import files_sha256
+
+    rows, calib_key = calibration
+    key = {"aligned": aligned.key, "config": config.cache_key(), "target": target.key, "calibration": calib_key,
+           "utility": stage_hash([dict(r) for r in utility]), "candidates": {k: dict(v) for k, v in CANDIDATES.items()},
+           "tolerance": DEFAULT_TOLERANCE, "probes": DEFAULT_PROBES}
+
+    def run(folder: Path) -> None:
+        from ..patcher import NLSRPatcher
+
+        patcher = NLSRPatcher.from_pretrained(aligned.base, aligned=aligned.adapter, reference=ref.adapter,
+                                              config=config)
+        result = patcher.choose(rows, utility=[(r["prompt"], r["response"]) for r in utility],
+                                finetuned=load_adapter(target.adapter), progress=ctx.progress)
+        save_adapter(result.adapter, folder / "adapter")
+        dump_json(folder / "choice.json", {**result.plan.choice, "adapter_sha256": files_sha256(folder / "adapter")})
+
+    return load_json(ctx.stages.run(f"choose-{method}", key, run) / "choice.json")
+
+
 # ----------------------------------------------------------------------------------------------- evaluation
 
 
@@ -340,5 +367,5 @@ def trim_answer(answer: str) -> str:
 
 
 __all__ = ["Context", "ExperimentData", "Model", "Realigned", "align_preference", "align_sft", "attack",
-           "base_model", "calibrate", "check_data", "evaluate", "harmless_answers", "load_data", "merged",
+           "base_model", "calibrate", "check_data", "choose", "evaluate", "harmless_answers", "load_data", "merged",
            "realign", "reference"]
