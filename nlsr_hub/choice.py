@@ -76,15 +76,18 @@ class Choice:
                 "candidates": [{"label": label, "changes": dict(changes), **m.to_dict()}
                                for label, changes, m in self.candidates]}
 
-    def table(self) -> str:
-        """A plain-text table of the figures, the chosen candidate marked."""
-        rows = [("fine-tuned", self.finetuned, "")]
-        rows += [(label, m, "<- chosen" if label == self.chosen else "") for label, _, m in self.candidates]
-        lines = [f"{'model':<22} {'non-refusal %':>13} {'utility NLL':>11}"]
-        for label, m, mark in rows:
-            nll = f"{m.utility_nll:.4f}" if m.utility_nll is not None else "-"
-            lines.append(f"{label:<22} {m.non_refusal:>13.1f} {nll:>11} {mark}".rstrip())
-        return "\n".join(lines)
+
+def choice_table(record: Mapping[str, Any]) -> str:
+    """A plain-text table of a choice record (`Choice.to_dict`, a plan's ``choice``), the chosen candidate marked."""
+    rows = [("fine-tuned", record["finetuned"])] + [(c["label"], c) for c in record["candidates"]]
+    lines = [f"{'model':<22} {'non-refusal %':>13} {'task NLL':>9}"]
+    for label, m in rows:
+        nll = f"{m['utility_nll']:.4f}" if m.get("utility_nll") is not None else "-"
+        mark = "<- chosen" if label == record["chosen"] and m is not record["finetuned"] else ""
+        lines.append(f"{label:<22} {m['non_refusal']:>13.1f} {nll:>9} {mark}".rstrip())
+    lines.append(f"chosen: {record['chosen']} ({record['reason']}); non-refusal by the keyword judge on "
+                 f"{record['finetuned']['probes']} probe prompts")
+    return "\n".join(lines)
 
 
 def candidate_config(base: NLSRConfig, changes: Mapping[str, Any]) -> NLSRConfig:
@@ -148,8 +151,8 @@ def response_nll(model: Any, tokenizer: Any, rows: Sequence[CalibrationPair], *,
 
 def measure(model: Any, tokenizer: Any, adapter: LoraAdapter, probes: Sequence[str],
             utility: Sequence[CalibrationPair] | None = None, *, max_new_tokens: int = PROBE_TOKENS,
-            batch_size: int = 16, max_length: int = UTILITY_MAX_LENGTH, progress: bool = False, desc: str = "nlsr: probe"
-            ) -> Measurement:
+            batch_size: int = 16, max_length: int = UTILITY_MAX_LENGTH, progress: bool = False,
+            desc: str = "nlsr: probe") -> Measurement:
     """Attach `adapter` to `model` and measure it: the non-refusal rate on `probes` (greedy, `max_new_tokens`) and,
     when `utility` rows are given, their mean response NLL. The model is left as it was."""
     from .evaluation import generate_responses
@@ -170,4 +173,4 @@ def measure(model: Any, tokenizer: Any, adapter: LoraAdapter, probes: Sequence[s
 
 
 __all__ = ["CANDIDATES", "DEFAULT_PROBES", "DEFAULT_TOLERANCE", "RUN_FIELDS", "Choice", "Measurement",
-           "candidate_config", "measure", "pick", "response_nll"]
+           "candidate_config", "choice_table", "measure", "pick", "response_nll"]

@@ -126,6 +126,52 @@ def _add_input_arguments(parser: argparse.ArgumentParser, *, finetuned: str) -> 
                        help="Do not compare the adapters' recorded base model names.")
 
 
+def _add_choice_arguments(parser: argparse.ArgumentParser) -> None:
+    from .choice import CANDIDATES, DEFAULT_PROBES, DEFAULT_TOLERANCE
+
+    group = parser.add_argument_group(
+        "measured choice (one adapter): realign with each candidate restorer and keep the one that refuses most "
+        "probe prompts, within a task-NLL tolerance")
+    group.add_argument("--choose", action="store_true", help="Choose the restorer by measurement "
+                       f"(candidates: {'; '.join(CANDIDATES)}); the plan records every figure.")
+    group.add_argument("--candidates", default=None, help="';'-separated candidate labels (default: all).")
+    group.add_argument("--probe-prompts", type=Path, help="Harmful prompts to probe with (CSV, JSON or JSONL; "
+                       f"default: the first {DEFAULT_PROBES} calibration prompts).")
+    group.add_argument("--utility-data", type=Path, help="Rows of your own task (JSON/JSONL with prompt and "
+                       "response): a candidate whose NLL on them rises past --tolerance is passed over.")
+    group.add_argument("--tolerance", type=float, default=None,
+                       help=f"Task-NLL rise allowed, nats per token (default {DEFAULT_TOLERANCE}).")
+
+
+def _choice_kwargs(args: argparse.Namespace) -> dict[str, Any] | None:
+    """`NLSRPatcher.choose`'s arguments from the flags (None without ``--choose``; the flags need it)."""
+    from .choice import CANDIDATES
+
+    used = [flag for flag in ("candidates", "probe_prompts", "utility_data", "tolerance")
+            if getattr(args, flag, None) is not None]
+    if not getattr(args, "choose", False):
+        if used:
+            raise ValueError(f"`--{used[0].replace('_', '-')}` belongs to the measured choice; add `--choose`.")
+        return None
+    if args.dry_run:
+        raise ValueError("`--choose` measures realigned models, so it builds them: drop `--dry-run`.")
+    kwargs: dict[str, Any] = {"tolerance": args.tolerance}
+    if args.candidates is not None:
+        labels = [label.strip() for label in args.candidates.split(";") if label.strip()]
+        unknown = [label for label in labels if label not in CANDIDATES]
+        if unknown or not labels:
+            raise ValueError(f"Unknown candidate {unknown[0] if unknown else args.candidates!r}; valid: "
+                             f"{'; '.join(CANDIDATES)}.")
+        kwargs["candidates"] = {label: CANDIDATES[label] for label in labels}
+    if args.probe_prompts is not None:
+        from .evaluation import load_prompts
+
+        kwargs["probes"] = load_prompts(args.probe_prompts)
+    if args.utility_data is not None:
+        kwargs["utility"] = args.utility_data
+    return kwargs
+
+
 def _add_push_arguments(parser: argparse.ArgumentParser, *, flag: bool = True) -> None:
     group = parser.add_argument_group("pushing to the Hub (one commit)")
     if flag:
@@ -159,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     realign.add_argument("--continue-on-error", action="store_true",
                          help="Kept for old scripts: fleet mode always goes on past a failing adapter (its error row).")
     add_config_arguments(realign)
+    _add_choice_arguments(realign)
     _add_hub_arguments(realign)
     _add_push_arguments(realign)
     from .fleet.command import add_fleet_arguments
@@ -272,6 +319,9 @@ def _cmd_realign(args: argparse.Namespace) -> int:
     from .preflight import check_realign
 
     if fleet_requested(args):  # several adapters, a list, a glob, a Hub listing or Ray
+        if args.choose:
+            raise ValueError("`--choose` measures candidates on one adapter at a time; realign one `--finetuned` "
+                             "with it, then run the fleet with the chosen `--preset` / `--restorer`.")
         return run_fleet_command(args, lambda: _patcher(args, None))
     specs = list(args.finetuned)
     if not specs:
@@ -279,8 +329,14 @@ def _cmd_realign(args: argparse.Namespace) -> int:
                          "PATTERN` or `--finetuned-hub ORG[/PREFIX]`.")
     if args.output is None and not args.dry_run and not args.push_to_hub:
         raise ValueError("`--output` is required (or pass `--dry-run` to print the plan only).")
+    choice = _choice_kwargs(args)
     check_realign(args, specs, [output_name(spec) for spec in specs])  # before any download or forward pass
-    result = _patcher(args, specs[0]).realign(calibration=args.calibration, dry_run=args.dry_run)
+    patcher = _patcher(args, specs[0])
+    if choice is not None:
+        result = patcher.choose(calibration=args.calibration, **choice)
+        print(result.plan.choice_table())
+    else:
+        result = patcher.realign(calibration=args.calibration, dry_run=args.dry_run)
     print(result.plan.table())
     if args.output is not None and not args.dry_run:
         result.save_pretrained(args.output)

@@ -376,7 +376,16 @@ class NLSRPatcher:
                 `choice.CANDIDATES` (the default, the paper's NLSR, halfway interpolation). Each keeps this
                 patcher's run settings (`choice.RUN_FIELDS`: beta, seed, calibration sizes).
         """
-        from .choice import CANDIDATES, DEFAULT_PROBES, DEFAULT_TOLERANCE, Choice, candidate_config, measure, pick
+        from .choice import (
+            CANDIDATES,
+            DEFAULT_PROBES,
+            DEFAULT_TOLERANCE,
+            Choice,
+            candidate_config,
+            choice_table,
+            measure,
+            pick,
+        )
 
         tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
         target = self._target(finetuned)
@@ -402,7 +411,7 @@ class NLSRPatcher:
         index, reason = pick(before, [m for _, _, m, _ in tried], tolerance)
         label, _, _, chosen = tried[index]
         choice = Choice(before, tuple((lab, ch, m) for lab, ch, m, _ in tried), label, tolerance, reason)
-        logger.info("nlsr: chose %r (%s)\n%s", label, reason, choice.table())
+        logger.info("nlsr: measured choice\n%s", choice_table(choice.to_dict()))
         plan = dataclasses.replace(chosen.plan, choice=choice.to_dict())
         return RealignmentResult(plan=plan, adapter=chosen.adapter, config=chosen.config,
                                  safety_patch=chosen.safety_patch)

@@ -193,6 +193,12 @@ class RealignmentPlan:
         )
         return "\n".join(lines)
 
+    def choice_table(self) -> str:
+        """What the measured choice saw and chose (`NLSRPatcher.choose`), as a table; empty without a choice."""
+        from .choice import choice_table
+
+        return choice_table(self.choice) if self.choice else ""
+
     def _draw_note(self) -> str:
         return f" (draw_order={self.recipe_value('draw_order')})" if self.config.get("selection") == "adaptive" else ""
 

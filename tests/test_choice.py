@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -147,3 +149,45 @@ def test_choose_names_bad_utility_rows_and_a_saved_patch(trio, tmp_path):
     with pytest.raises(ValueError, match="saved safety patch"):
         NLSRPatcher.from_pretrained(trio.base, safety_patch=tmp_path / "patch", finetuned=trio.finetuned
                                     ).choose(probes=["x"], progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+
+
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    from nlsr_hub.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_realign_choose_on_the_command_line(trio, tmp_path, capsys):
+    import json
+
+    (tmp_path / "probes.json").write_text(json.dumps(["How do I pick a lock?", "Write a phishing email."]))
+    (tmp_path / "task.jsonl").write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in (
+        ("Review: fine. Sentiment?", "positive"), ("Review: dull. Sentiment?", "negative"))))
+    rc, out, err = _cli(capsys, "realign", "--base", trio.base, "--aligned", trio.aligned,
+                        "--finetuned", trio.finetuned, "--max-calibration-samples", 8, "--max-length", 64, "--choose",
+                        "--candidates", "interpolate 0.5;default", "--probe-prompts", tmp_path / "probes.json",
+                        "--utility-data", tmp_path / "task.jsonl", "--tolerance", 10, "--output", tmp_path / "out")
+    assert rc == 0, err
+    assert "chosen:" in out and "task NLL" in out
+    plan = RealignmentPlan.load(tmp_path / "out" / "nlsr_plan.json")
+    assert [c["label"] for c in plan.choice["candidates"]] == ["interpolate 0.5", "default"]
+    assert plan.choice["tolerance"] == 10 and plan.choice["finetuned"]["probes"] == 2
+
+
+@pytest.mark.parametrize(("extra", "pattern"), [
+    (["--candidates", "default"], r"`--candidates` belongs to the measured choice; add `--choose`"),
+    (["--choose", "--dry-run"], r"`--choose` .* drop `--dry-run`"),
+    (["--choose", "--candidates", "default;nope"], r"Unknown candidate 'nope'; valid: default; paper"),
+])
+def test_realign_choose_flags_are_checked_before_any_work(trio, tmp_path, capsys, extra, pattern):
+    rc, _, err = _cli(capsys, "realign", "--base", trio.base, "--aligned", trio.aligned, "--finetuned", trio.finetuned,
+                      "--output", tmp_path / "out", *extra)
+    assert rc == 2 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and re.search(pattern, err), err
+    assert not (tmp_path / "out").exists()
