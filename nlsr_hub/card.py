@@ -131,6 +131,11 @@ def _section(plan: RealignmentPlan, base_model: str | None, repo_id: str | None,
     if calibration:
         lines += [f"Calibration: {calibration.get('samples')} pairs, {calibration.get('response_tokens')} response "
                   f"tokens (sha256 `{calibration.get('sha256')}`).", ""]
+    if plan.choice:
+        lines += ["### Measured choice", "",
+                  "The restorer was chosen by measurement (`nlsr realign --choose`): each candidate realigned this "
+                  "adapter, and its share of probe prompts not refused (keyword judge: non-refusal, not harm) and its "
+                  "NLL on the user's task rows were measured.", "", "```", plan.choice_table(), "```", ""]
     lines += [
         "### Configuration", "", "Exact configuration of this run (`nlsr_config.json`):", "",
         "```yaml", yaml.safe_dump(dict(plan.config), sort_keys=True).rstrip(), "```", "",

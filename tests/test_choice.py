@@ -178,6 +178,8 @@ def test_realign_choose_on_the_command_line(trio, tmp_path, capsys):
     plan = RealignmentPlan.load(tmp_path / "out" / "nlsr_plan.json")
     assert [c["label"] for c in plan.choice["candidates"]] == ["interpolate 0.5", "default"]
     assert plan.choice["tolerance"] == 10 and plan.choice["finetuned"]["probes"] == 2
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "### Measured choice" in card and f"chosen: {plan.choice['chosen']}" in card
 
 
 @pytest.mark.parametrize(("extra", "pattern"), [

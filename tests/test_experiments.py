@@ -377,7 +377,8 @@ def test_head_to_head_on_the_tiny_pair(fake_data, tmp_path):
     points = [r["point"] for r in results["rows"]]
     # the `first` points, then round-robin over the sweeps, the reference last
     assert points == ["fine-tuned", "default", "measured choice", "nlsr-addback strength=1", "addback strength=0.5",
-                      "addback strength=1", "reference (EXPO)"]
+                      "addback strength=1", "reference (EXPO)", "aligned (before the attack)",
+                      "base of the aligned adapter"]
     assert [r["point"] for r in seen] == points
     # the full evaluation sets: every AdvBench prompt not used in alignment, every BeaverTails prompt, all SST-2
     assert results["sizes"] == {"harmful_eval": {"advbench": len(HARMFUL) - 6, "beavertails": 4},

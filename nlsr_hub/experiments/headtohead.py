@@ -71,6 +71,8 @@ FIRST = ("nlsr (paper) prune_ratio=0.5", "addback strength=1", "nlsr-addback (ro
          "safelora fraction=0.5", "interpolate strength=0.5", "addback strength=1.25")
 
 REFERENCE_POINT = "reference (EXPO)"
+ALIGNED_POINT = "aligned (before the attack)"
+BASE_POINT = "base of the aligned adapter"  # SmolLM2 itself for SFT; the SFT-merged model for preference methods
 CHOICE_POINT = "measured choice"  # `NLSRPatcher.choose` over `choice.CANDIDATES`, evaluated on the same sets
 UTILITY_ROWS = 64  # the attack mix's first harmless rows: the user's own task rows for the choice's utility check
 
@@ -89,6 +91,7 @@ class HeadToHeadSettings:
     sweeps: tuple[Sweep, ...] = SWEEPS
     evaluate_reference: bool = True
     evaluate_choice: bool = True  # the measured choice (`CHOICE_POINT`), right after the default
+    evaluate_aligned: bool = True  # the aligned model and its base (`ALIGNED_POINT`, `BASE_POINT`), after the rest
     first: tuple[str, ...] = FIRST  # point labels run before the round-robin rest, in this order
     # run only the first N points of each pair, or of each named pair (the report lists the rest as not run)
     max_points: int | Mapping[str, int] | None = None
@@ -103,6 +106,7 @@ class HeadToHeadSettings:
         return {"pair": self.pair.to_dict(), "methods": list(self.methods), "preference_chosen": self.preference_chosen,
                 "eval": self.eval.to_dict(), "sweeps": [dataclasses.asdict(s) for s in self.sweeps],
                 "evaluate_reference": self.evaluate_reference, "evaluate_choice": self.evaluate_choice,
+                "evaluate_aligned": self.evaluate_aligned,
                 "first": list(self.first),
                 "max_points": dict(self.max_points) if isinstance(self.max_points, Mapping) else self.max_points}
 
@@ -143,6 +147,9 @@ def _points(settings: HeadToHeadSettings, pair: GridSettings, fixed: _Pair) -> l
                                         round_robin(settings.sweeps, pair.seed, pair.nlsr)]
     if settings.evaluate_reference:  # the ceiling of what a transplant can restore: last unless in `first`
         rest.append((REFERENCE_POINT, None, fixed.ref))
+    if settings.evaluate_aligned:  # where the attack started, and what the alignment started from
+        rest += [(ALIGNED_POINT, None, fixed.aligned),
+                 (BASE_POINT, None, step.Model(fixed.aligned.base, None, {"base_of": fixed.aligned.key}))]
     rank = {label: i for i, label in enumerate(settings.first)}
     rest.sort(key=lambda point: rank.get(point[0], len(rank)))  # stable: the round-robin order after `first`
     return points + rest
@@ -248,5 +255,5 @@ def run_head_to_head(settings: HeadToHeadSettings = HeadToHeadSettings(), *, out
     return results
 
 
-__all__ = ["CHOICE_POINT", "HEAD_TO_HEAD_EVAL", "SWEEPS", "HeadToHeadSettings", "Sweep", "mean_nonrefusal",
-           "run_head_to_head"]
+__all__ = ["ALIGNED_POINT", "BASE_POINT", "CHOICE_POINT", "HEAD_TO_HEAD_EVAL", "SWEEPS", "HeadToHeadSettings", "Sweep",
+           "mean_nonrefusal", "run_head_to_head"]
