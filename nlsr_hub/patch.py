@@ -18,7 +18,15 @@ from .adapters import AdapterError, LoraAdapter, LoraModule
 from .masks import ModuleMask
 from .plan import RealignmentPlan
 from .safety_patch import SafetyPatch
-from .similarity import F32_EXACT, Float32Workspace, as_bytes, f32_copy, naming_module, similarity_terms
+from .similarity import (
+    F32_EXACT,
+    Float32Workspace,
+    as_bytes,
+    f32_copy,
+    masked_squared_norm,
+    naming_module,
+    similarity_terms,
+)
 
 
 def check_compatible_modules(
@@ -69,6 +77,18 @@ def similarities(patch: SafetyPatch, finetuned: LoraAdapter) -> dict[str, float]
             out[name] = terms.cosine
         norms[name] = terms.squared1
     return out
+
+
+def fill_reference_norms(patch: SafetyPatch) -> SafetyPatch:
+    """Compute every module's reference-side squared norm into `patch.reference_squared_norms` now (the values
+    `similarities` would memoise), so that a patch shipped to workers (fleet mode on Ray) carries them and no task
+    recomputes them. Returns `patch`."""
+    norms = patch.reference_squared_norms
+    for name in sorted(patch.reference.modules):
+        if name not in norms:
+            with naming_module(name):
+                norms[name] = masked_squared_norm(patch.reference.modules[name], patch.masks[name])
+    return patch
 
 
 def neuron_counts(patch: SafetyPatch) -> dict[str, tuple[int, int]]:

@@ -211,3 +211,19 @@ def test_apply_plan_is_bit_identical_to_the_float32_formula_and_leaves_inputs_al
         assert same_bits(realigned.modules[name].A, expected.A) and same_bits(realigned.modules[name].B, expected.B)
         assert same_bits(finetuned.modules[name].A, before[name][0])
         assert same_bits(finetuned.modules[name].B, before[name][1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_norms_filled_ahead_travel_with_the_pickled_patch_and_change_no_similarity(dtype):
+    import pickle
+
+    from nlsr_hub.patch import fill_reference_norms
+
+    patch = make_patch(dtype)
+    finetuned = random_adapter(2, dtype, like=patch.reference)
+    expected = similarities(SafetyPatch(reference=patch.reference, masks=patch.masks), finetuned)
+    assert fill_reference_norms(patch) is patch
+    assert sorted(patch.reference_squared_norms) == sorted(SHAPES)
+    shipped = pickle.loads(pickle.dumps(patch))  # what a Ray task receives from the object store
+    assert shipped.reference_squared_norms == patch.reference_squared_norms
+    assert similarities(shipped, finetuned) == expected

@@ -72,7 +72,10 @@ def prepare_shared(patcher: Any, calibration: Any = None, *, progress: bool = Tr
 
     patch, aligned = None, None
     if get_restorer(patcher.config.restorer).needs == "patch":
-        patch = patcher.safety_patch(calibration, progress=progress)
+        from ..patch import fill_reference_norms
+
+        # the reference side of every similarity, once: the patch carries it to every task (Ray's object store)
+        patch = fill_reference_norms(patcher.safety_patch(calibration, progress=progress))
     else:
         aligned = patcher.aligned if patcher.aligned is not None else patcher.safety_patch().aligned_update()
     sha = patch_sha256(patch) if patch is not None else adapter_sha256(aligned)
