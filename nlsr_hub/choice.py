@@ -103,6 +103,32 @@ def candidate_config(base: NLSRConfig, changes: Mapping[str, Any]) -> NLSRConfig
     return NLSRConfig(**{**(PRESETS[preset] if preset else {}), **run, **changes})
 
 
+def candidate_configs(base: NLSRConfig, candidates: Mapping[str, Mapping[str, Any]] | None = None
+                      ) -> dict[str, tuple[dict[str, Any], NLSRConfig]]:
+    """Label -> (changes, config) of every candidate (default `CANDIDATES`), each config built and checked now."""
+    candidates = CANDIDATES if candidates is None else candidates
+    if not candidates:
+        raise ValueError("No candidate to choose from; pass at least one restorer configuration.")
+    return {label: (dict(changes), candidate_config(base, changes)) for label, changes in candidates.items()}
+
+
+def check_tolerance(tolerance: float | None) -> float:
+    """`tolerance` (None: `DEFAULT_TOLERANCE`), or a `ValueError` unless it is a finite number >= 0."""
+    tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
+    if tolerance < 0 or not math.isfinite(tolerance):
+        raise ValueError(f"`tolerance` must be a finite number >= 0 (got {tolerance}).")
+    return float(tolerance)
+
+
+def probe_prompts(probes: Sequence[str] | None, calibration: Any, *, limit: int | None = None) -> list[str]:
+    """The probe prompts: `probes`, else the first `DEFAULT_PROBES` prompts of the calibration data."""
+    from .calibration import load_calibration
+
+    if probes is not None:
+        return list(probes)
+    return [pair.prompt for pair in load_calibration(calibration, limit=limit)][:DEFAULT_PROBES]
+
+
 def pick(finetuned: Measurement, candidates: Sequence[Measurement], tolerance: float = DEFAULT_TOLERANCE
          ) -> tuple[int, str]:
     """The index of the chosen candidate and the reason, in words.
@@ -112,8 +138,7 @@ def pick(finetuned: Measurement, candidates: Sequence[Measurement], tolerance: f
     to the earlier candidate. When none is eligible, the one whose NLL rose least wins."""
     if not candidates:
         raise ValueError("No candidate to choose from; pass at least one restorer configuration.")
-    if tolerance < 0 or not math.isfinite(tolerance):
-        raise ValueError(f"`tolerance` must be a finite number >= 0 (got {tolerance}).")
+    tolerance = check_tolerance(tolerance)
 
     def rise(m: Measurement) -> float:
         if m.utility_nll is None or finetuned.utility_nll is None:
@@ -173,4 +198,5 @@ def measure(model: Any, tokenizer: Any, adapter: LoraAdapter, probes: Sequence[s
 
 
 __all__ = ["CANDIDATES", "DEFAULT_PROBES", "DEFAULT_TOLERANCE", "RUN_FIELDS", "Choice", "Measurement",
-           "candidate_config", "choice_table", "measure", "pick", "response_nll"]
+           "candidate_config", "candidate_configs", "check_tolerance", "choice_table", "measure", "pick",
+           "probe_prompts", "response_nll"]

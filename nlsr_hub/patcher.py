@@ -376,38 +376,29 @@ class NLSRPatcher:
                 `choice.CANDIDATES` (the default, the paper's NLSR, halfway interpolation). Each keeps this
                 patcher's run settings (`choice.RUN_FIELDS`: beta, seed, calibration sizes).
         """
-        from .choice import (
-            CANDIDATES,
-            DEFAULT_PROBES,
-            DEFAULT_TOLERANCE,
-            Choice,
-            candidate_config,
-            choice_table,
-            measure,
-            pick,
-        )
+        from .choice import Choice, candidate_configs, check_tolerance, choice_table, measure, pick, probe_prompts
 
-        tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
-        target = self._target(finetuned)
-        probe_prompts = list(probes) if probes is not None else [
-            p.prompt for p in load_calibration(calibration, limit=self.config.max_calibration_samples)][:DEFAULT_PROBES]
-        utility_rows = _utility_rows(utility)
-        model, tokenizer = self._load_model()
         if self._supplied_patch is not None:
             raise ValueError("`choose` realigns with several configurations, and a saved safety patch holds one "
                              "configuration's masks: pass the aligned adapter (or a reference) and the base model.")
+        tolerance = check_tolerance(tolerance)
+        configs = candidate_configs(self.config, candidates)  # every candidate checked before any work
+        target = self._target(finetuned)
+        prompts = probe_prompts(probes, calibration, limit=self.config.max_calibration_samples)
+        utility_rows = _utility_rows(utility)
+        model, tokenizer = self._load_model()
         self.reference_adapter()  # built once, shared by every candidate
 
         def probe(adapter: LoraAdapter, label: str) -> Any:
-            return measure(model, tokenizer, adapter, probe_prompts, utility_rows, batch_size=self.config.batch_size,
+            return measure(model, tokenizer, adapter, prompts, utility_rows, batch_size=self.config.batch_size,
                            progress=progress, desc=f"nlsr: probe {label}")
 
         before = probe(target, "fine-tuned")
         tried = []
-        for label, changes in (CANDIDATES if candidates is None else candidates).items():
-            result = self._with_config(candidate_config(self.config, changes)).realign(
-                calibration, finetuned=target, finetuned_lineage=finetuned_lineage, progress=progress)
-            tried.append((label, dict(changes), probe(result.adapter, label), result))
+        for label, (changes, config) in configs.items():
+            result = self._with_config(config).realign(calibration, finetuned=target,
+                                                       finetuned_lineage=finetuned_lineage, progress=progress)
+            tried.append((label, changes, probe(result.adapter, label), result))
         index, reason = pick(before, [m for _, _, m, _ in tried], tolerance)
         label, _, _, chosen = tried[index]
         choice = Choice(before, tuple((lab, ch, m) for lab, ch, m, _ in tried), label, tolerance, reason)

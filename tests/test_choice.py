@@ -193,3 +193,18 @@ def test_realign_choose_flags_are_checked_before_any_work(trio, tmp_path, capsys
     assert rc == 2 and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and re.search(pattern, err), err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("kwargs", "pattern"), [
+    ({"candidates": {}}, "No candidate"),
+    ({"candidates": {"bad": {"restorer": "nope"}}}, "nope"),
+    ({"tolerance": -1.0}, "tolerance"),
+])
+def test_choose_checks_its_arguments_before_loading_the_model(trio, monkeypatch, kwargs, pattern):
+    def forbidden(*args, **kw):
+        raise AssertionError("the base model was loaded before the error")
+
+    monkeypatch.setattr("nlsr_hub.patcher.load_base_model", forbidden)
+    patcher = NLSRPatcher.from_pretrained(trio.base, aligned=trio.aligned, finetuned=trio.finetuned)
+    with pytest.raises(ValueError, match=pattern):
+        patcher.choose(probes=["x"], progress=False, **kwargs)
