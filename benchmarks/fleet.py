@@ -1,7 +1,8 @@
 """Fleet benchmark (issue 14): prints, in one run,
 
 (1) adapters per minute of `nlsr realign` fleet mode, sequential vs Ray on this machine's cores (target: Ray >= 1.7x
-    on 2 cores), over a fleet of Llama-3-8B-shaped adapters (224 modules, rank 16 by default), same bytes checked;
+    on 2 cores), over a fleet of Llama-3-8B-shaped adapters (224 modules, rank 16 by default), same bytes checked,
+    next to a plain forked process pool on the same fleet (a reference for what the cores allow, not an engine);
 (2) the per-adapter cost of fleet mode for Llama-3-8B-shaped adapters at rank 16 and 128 (resolve, hash, load,
     realign, save to a new folder: one `realign_one` call, as the engines run it) against the time to copy the same
     adapter files to a new folder (target <= 1.5x), with where the time goes.
@@ -98,6 +99,36 @@ def timed_fleet(patch: Path, specs: list[str], out: Path, engine: str, config: N
     return elapsed
 
 
+_POOL_SHARED: dict[str, object] = {}  # the fleet's shared object, inherited by the forked pool workers
+
+
+def _pool_one(job: tuple[int, str, str]) -> None:
+    index, spec, out = job
+    torch.set_num_threads(1)
+    row = realign_one(FleetTarget(index, spec, Path(spec).name), _POOL_SHARED["shared"],
+                      FleetSettings(output_dir=Path(out), resume=False))
+    if row["status"] != "realigned":
+        raise RuntimeError(row["error"])
+
+
+def timed_pool(patch: Path, specs: list[str], out: Path, config: NLSRConfig, workers: int) -> float:
+    """Seconds for the same fleet on a plain `multiprocessing` pool of `workers` forked processes that inherit the
+    prepared shared object: what this machine's cores allow without any engine's overhead (a reference, not an
+    engine nlsr-hub offers). The pool is started and warmed before the timing."""
+    import multiprocessing
+
+    from nlsr_hub.fleet.driver import prepare_shared
+
+    _POOL_SHARED["shared"] = prepare_shared(NLSRPatcher.from_pretrained(None, safety_patch=patch, config=config),
+                                            progress=False)
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        pool.map(_pool_one, [(i, spec, str(out.with_name(out.name + "-warm"))) for i, spec in
+                             enumerate(specs[:workers])], chunksize=1)
+        start = time.perf_counter()
+        pool.map(_pool_one, [(i, spec, str(out)) for i, spec in enumerate(specs)], chunksize=1)
+        return time.perf_counter() - start
+
+
 def same_results(left: Path, right: Path) -> bool:
     """Whether two fleet folders hold byte-identical results (summaries aside)."""
     def tree(root: Path) -> dict[str, bytes]:
@@ -126,6 +157,8 @@ def part_throughput(root: Path, args: argparse.Namespace) -> None:
         on_ray = timed_fleet(patch, specs, root / "out-ray", "ray", config)
     finally:
         ray.shutdown()
+    log("(1) plain processes: the same fleet on a forked pool (what the cores allow)")
+    pooled = timed_pool(patch, specs, root / "out-pool", config, cores)
     per_min = {name: 60 * args.fleet / seconds for name, seconds in (("sequential", sequential), ("ray", on_ray))}
     print(f"(1) fleet of {args.fleet} Llama-3-8B-shaped adapters ({args.layers * 7} modules, rank {args.fleet_rank}, "
           f"bf16), restorer {config.restorer} (--preset {args.preset}), {cores} cores, one torch thread per adapter")
@@ -134,6 +167,9 @@ def part_throughput(root: Path, args: argparse.Namespace) -> None:
           f"warm-up fleet of {cores} {warm:.1f} s)")
     print(f"    speed-up: {per_min['ray'] / per_min['sequential']:.2f}x (target >= 1.7x on 2 cores); "
           f"same bytes from both engines: {same_results(root / 'out-seq', root / 'out-ray')}")
+    print(f"    reference, not an engine: {cores} forked processes sharing the prepared patch, no engine: "
+          f"{pooled:.1f} s = {sequential / pooled:.2f}x the sequential fleet (the fleet's patch preparation and "
+          "Ray's put / fetch not included)")
 
 
 def copy_seconds(folder: Path, target: Path, *, durable: bool = False) -> float:
