@@ -46,7 +46,8 @@ UTILITY_MAX_LENGTH = 512  # tokens of a task row (prompt and response) kept for 
 @dataclass(frozen=True)
 class Measurement:
     """One model's probe figures: the share of probe prompts not refused (%), the mean NLL per response token on the
-    utility rows (None when none were given), how many of each, and the seconds taken."""
+    utility rows (None when none were given), how many of each, and the seconds taken (logged, never written: the
+    same inputs give the same plan bytes)."""
 
     non_refusal: float
     utility_nll: float | None
@@ -55,7 +56,8 @@ class Measurement:
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        """The figures as the plan records them (without `seconds`)."""
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items() if k != "seconds"}
 
 
 @dataclass(frozen=True)

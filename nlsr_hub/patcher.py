@@ -402,7 +402,9 @@ class NLSRPatcher:
         index, reason = pick(before, [m for _, _, m, _ in tried], tolerance)
         label, _, _, chosen = tried[index]
         choice = Choice(before, tuple((lab, ch, m) for lab, ch, m, _ in tried), label, tolerance, reason)
-        logger.info("nlsr: measured choice\n%s", choice_table(choice.to_dict()))
+        seconds = ", ".join(f"{lab} {m.seconds:.0f} s" for lab, _, m, _ in tried)
+        logger.info("nlsr: measured choice (probes: fine-tuned %.0f s, %s)\n%s", before.seconds, seconds,
+                    choice_table(choice.to_dict()))
         plan = dataclasses.replace(chosen.plan, choice=choice.to_dict())
         return RealignmentResult(plan=plan, adapter=chosen.adapter, config=chosen.config,
                                  safety_patch=chosen.safety_patch)
