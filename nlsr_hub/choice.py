@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .adapters import LoraAdapter
-from .calibration import CalibrationPair, encode_pairs, iter_batches
+from .calibration import CalibrationPair, EncodedSample, encode_pairs, iter_batches
 
 if TYPE_CHECKING:
     from .config import NLSRConfig
@@ -126,9 +126,11 @@ def probe_prompts(probes: Sequence[str] | None, calibration: Any, *, limit: int 
     """The probe prompts: `probes`, else the first `DEFAULT_PROBES` prompts of the calibration data."""
     from .calibration import load_calibration
 
-    if probes is not None:
-        return list(probes)
-    return [pair.prompt for pair in load_calibration(calibration, limit=limit)][:DEFAULT_PROBES]
+    prompts = list(probes) if probes is not None else [
+        pair.prompt for pair in load_calibration(calibration, limit=limit)][:DEFAULT_PROBES]
+    if not prompts:
+        raise ValueError("No probe prompts: pass harmful prompts (or calibration data) to measure non-refusal on.")
+    return prompts
 
 
 def pick(finetuned: Measurement, candidates: Sequence[Measurement], tolerance: float = DEFAULT_TOLERANCE
@@ -157,31 +159,37 @@ def pick(finetuned: Measurement, candidates: Sequence[Measurement], tolerance: f
     return best, f"lowest non-refusal rate on the probe prompts{within}"
 
 
-def response_nll(model: Any, tokenizer: Any, rows: Sequence[CalibrationPair], *, batch_size: int = 8,
-                 max_length: int = UTILITY_MAX_LENGTH) -> float:
-    """Mean negative log-likelihood per response token of `rows` (prompt, response) under `model`."""
-    samples = encode_pairs(tokenizer, rows, max_length)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+def encode_utility(tokenizer: Any, rows: Sequence[CalibrationPair], max_length: int = UTILITY_MAX_LENGTH
+                   ) -> list[EncodedSample]:
+    """The task rows tokenised once for every candidate's NLL (rows with no response token within `max_length`
+    dropped); a `ValueError` naming the task rows when none is left."""
+    try:
+        return encode_pairs(tokenizer, rows, max_length)
+    except ValueError:  # its message speaks of calibration pairs
+        raise ValueError(f"Utility rows: no task row has a response token within {max_length} tokens; shorten the "
+                         "prompts of the task rows.") from None
+
+
+def response_nll(model: Any, samples: Sequence[EncodedSample], *, pad_id: int, batch_size: int = 8) -> float:
+    """Mean negative log-likelihood per response token of the encoded rows (`encode_utility`) under `model`."""
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
     with torch.no_grad():
-        for batch in iter_batches(samples, batch_size, pad):
+        for batch in iter_batches(samples, batch_size, pad_id):
             ids = batch["input_ids"].to(device)
             logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits[:, :-1].float()
-            targets = ids[:, 1:]
             mask = batch["response_mask"][:, 1:].to(device)
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
             total += float(nll[mask].sum())
             tokens += int(mask.sum())
     return total / tokens
 
 
 def measure(model: Any, tokenizer: Any, adapter: LoraAdapter, probes: Sequence[str],
-            utility: Sequence[CalibrationPair] | None = None, *, max_new_tokens: int = PROBE_TOKENS,
-            batch_size: int = 16, max_length: int = UTILITY_MAX_LENGTH, progress: bool = False,
-            desc: str = "nlsr: probe") -> Measurement:
+            utility: Sequence[EncodedSample] | None = None, *, max_new_tokens: int = PROBE_TOKENS,
+            batch_size: int = 16, progress: bool = False, desc: str = "nlsr: probe") -> Measurement:
     """Attach `adapter` to `model` and measure it: the non-refusal rate on `probes` (greedy, `max_new_tokens`) and,
-    when `utility` rows are given, their mean response NLL. The model is left as it was."""
+    when encoded `utility` rows are given (`encode_utility`), their mean response NLL. The model is left as it was."""
     from .evaluation import generate_responses
     from .evaluation.judges import is_refusal
     from .modeling import attached_adapter
@@ -189,16 +197,16 @@ def measure(model: Any, tokenizer: Any, adapter: LoraAdapter, probes: Sequence[s
     if not probes:
         raise ValueError("No probe prompts: pass harmful prompts (or calibration data) to measure non-refusal on.")
     started = time.perf_counter()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with attached_adapter(model, adapter) as peft_model:
         responses = generate_responses(peft_model, tokenizer, list(probes), max_new_tokens=max_new_tokens,
                                        batch_size=batch_size, progress=progress, desc=desc)
-        nll = (response_nll(peft_model, tokenizer, utility, batch_size=batch_size, max_length=max_length)
-               if utility else None)
+        nll = response_nll(peft_model, utility, pad_id=pad_id, batch_size=batch_size) if utility else None
     answered = sum(not is_refusal(r) for r in responses)
     return Measurement(non_refusal=100.0 * answered / len(responses), utility_nll=nll, probes=len(responses),
                        utility_rows=len(utility or ()), seconds=round(time.perf_counter() - started, 1))
 
 
 __all__ = ["CANDIDATES", "DEFAULT_PROBES", "DEFAULT_TOLERANCE", "RUN_FIELDS", "Choice", "Measurement",
-           "candidate_config", "candidate_configs", "check_tolerance", "choice_table", "measure", "pick",
-           "probe_prompts", "response_nll"]
+           "candidate_config", "candidate_configs", "check_tolerance", "choice_table", "encode_utility", "measure",
+           "pick", "probe_prompts", "response_nll"]

@@ -376,21 +376,36 @@ class NLSRPatcher:
                 `choice.CANDIDATES` (the default, the paper's NLSR, halfway interpolation). Each keeps this
                 patcher's run settings (`choice.RUN_FIELDS`: beta, seed, calibration sizes).
         """
-        from .choice import Choice, candidate_configs, check_tolerance, choice_table, measure, pick, probe_prompts
+        from .choice import (
+            Choice,
+            candidate_configs,
+            check_tolerance,
+            choice_table,
+            encode_utility,
+            measure,
+            pick,
+            probe_prompts,
+        )
 
         if self._supplied_patch is not None:
             raise ValueError("`choose` realigns with several configurations, and a saved safety patch holds one "
                              "configuration's masks: pass the aligned adapter (or a reference) and the base model.")
         tolerance = check_tolerance(tolerance)
         configs = candidate_configs(self.config, candidates)  # every candidate checked before any work
+        needs_aligned = [label for label, (_, config) in configs.items()
+                         if get_restorer(config.restorer).needs == "aligned"]
+        if needs_aligned and self.aligned is None:
+            raise ValueError(f"Candidate {needs_aligned[0]!r} needs the aligned adapter itself: pass `aligned=` "
+                             "(not only a reference), or leave that candidate out.")
         target = self._target(finetuned)
         prompts = probe_prompts(probes, calibration, limit=self.config.max_calibration_samples)
         utility_rows = _utility_rows(utility)
         model, tokenizer = self._load_model()
+        utility_samples = encode_utility(tokenizer, utility_rows) if utility_rows else None
         self.reference_adapter()  # built once, shared by every candidate
 
         def probe(adapter: LoraAdapter, label: str) -> Any:
-            return measure(model, tokenizer, adapter, prompts, utility_rows, batch_size=self.config.batch_size,
+            return measure(model, tokenizer, adapter, prompts, utility_samples, batch_size=self.config.batch_size,
                            progress=progress, desc=f"nlsr: probe {label}")
 
         before = probe(target, "fine-tuned")

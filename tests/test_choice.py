@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nlsr_hub import NLSRConfig, NLSRPatcher
-from nlsr_hub.choice import CANDIDATES, Measurement, candidate_config, pick, response_nll
+from nlsr_hub.choice import CANDIDATES, Measurement, candidate_config, encode_utility, pick, response_nll
 from nlsr_hub.plan import RealignmentPlan
 
 
@@ -82,7 +82,11 @@ def test_response_nll_is_the_mean_over_response_tokens(load_base, tokenizer):
                 if sample.response_mask[pos]:
                     total -= float(logp[pos - 1, ids[0, pos]])
                     count += 1
-    assert response_nll(model, tokenizer, rows, batch_size=2) == pytest.approx(total / count, rel=1e-5)
+    samples = encode_utility(tokenizer, rows)
+    assert response_nll(model, samples, pad_id=tokenizer.pad_token_id or 0, batch_size=2) == pytest.approx(
+        total / count, rel=1e-5)
+    with pytest.raises(ValueError, match="Utility rows: no task row has a response token within 4 tokens"):
+        encode_utility(tokenizer, rows, max_length=4)
 
 
 # ------------------------------------------------------------------------------------------------ the patcher
@@ -156,6 +160,20 @@ def test_a_plan_without_a_choice_writes_no_choice_key(default_run):
     assert "choice" not in default_run[1].plan.to_dict()
 
 
+def test_choose_with_only_a_reference_refuses_a_candidate_that_needs_the_aligned_adapter(trio, monkeypatch):
+    from nlsr_hub.adapters import load_adapter
+    from nlsr_hub.reference import build_reference
+
+    def forbidden(*args, **kw):
+        raise AssertionError("the base model was loaded before the error")
+
+    monkeypatch.setattr("nlsr_hub.patcher.load_base_model", forbidden)
+    reference = build_reference(load_adapter(trio.aligned), beta=0.9)
+    patcher = NLSRPatcher(base=str(trio.base), reference=reference, finetuned=load_adapter(trio.finetuned))
+    with pytest.raises(ValueError, match=re.escape("Candidate 'interpolate 0.5' needs the aligned adapter itself")):
+        patcher.choose(probes=["x"], progress=False)
+
+
 def test_choose_names_bad_utility_rows_and_a_saved_patch(trio, tmp_path):
     patcher = NLSRPatcher.from_pretrained(trio.base, aligned=trio.aligned, finetuned=trio.finetuned)
     with pytest.raises(ValueError, match="Utility rows: The task data is empty"):
@@ -215,6 +233,7 @@ def test_realign_choose_flags_are_checked_before_any_work(trio, tmp_path, capsys
     ({"candidates": {}}, "No candidate"),
     ({"candidates": {"bad": {"restorer": "nope"}}}, "nope"),
     ({"tolerance": -1.0}, "tolerance"),
+    ({"probes": []}, "No probe prompts"),
 ])
 def test_choose_checks_its_arguments_before_loading_the_model(trio, monkeypatch, kwargs, pattern):
     def forbidden(*args, **kw):
@@ -223,4 +242,4 @@ def test_choose_checks_its_arguments_before_loading_the_model(trio, monkeypatch,
     monkeypatch.setattr("nlsr_hub.patcher.load_base_model", forbidden)
     patcher = NLSRPatcher.from_pretrained(trio.base, aligned=trio.aligned, finetuned=trio.finetuned)
     with pytest.raises(ValueError, match=pattern):
-        patcher.choose(probes=["x"], progress=False, **kwargs)
+        patcher.choose(progress=False, **{"probes": ["x"], **kwargs})
