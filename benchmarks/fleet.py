@@ -117,8 +117,6 @@ def timed_pool(patch: Path, specs: list[str], out: Path, config: NLSRConfig, wor
     engine nlsr-hub offers). The pool is started and warmed before the timing."""
     import multiprocessing
 
-    from nlsr_hub.fleet.driver import prepare_shared
-
     _POOL_SHARED["shared"] = prepare_shared(NLSRPatcher.from_pretrained(None, safety_patch=patch, config=config),
                                             progress=False)
     with multiprocessing.get_context("fork").Pool(workers) as pool:

@@ -11,14 +11,12 @@ calibration prompts exclude every evaluation prompt. Each point is cached, so an
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..adapters import load_adapter
 from ..config import NLSRConfig
 from ..hardware import machine
 from . import stages as step
@@ -167,14 +165,10 @@ def _chosen_config(ctx: Context, fixed: _Pair) -> tuple[NLSRConfig, dict[str, An
 
 
 def _check_same_adapter(model: Any, sha256: str) -> None:
-    """The chosen candidate realigned alone must be the adapter the choice measured (same file bytes)."""
-    from ..adapters import save_adapter
+    """The chosen candidate realigned alone must be the adapter the choice measured (same adapter file bytes)."""
     from ..fleet.work import files_sha256
 
-    with tempfile.TemporaryDirectory() as tmp:  # written the way the choice wrote its own
-        save_adapter(load_adapter(model.adapter), Path(tmp) / "adapter")
-        same = files_sha256(Path(tmp) / "adapter") == sha256
-    if not same:
+    if files_sha256(Path(model.adapter)) != sha256:
         raise RuntimeError("The chosen candidate realigned alone differs from the adapter the choice measured.")
 
 
