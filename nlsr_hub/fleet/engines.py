@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .payload import ZeroCopy
 from .work import FAILED, FleetSettings, FleetShared, FleetTarget, error_text, make_row, realign_one
 
 logger = logging.getLogger(__name__)
@@ -104,11 +105,12 @@ def ray_session(address: str | None, token: str | bool | None) -> Iterator[Any]:
 def run_ray(targets: Sequence[FleetTarget], shared: FleetShared, settings: FleetSettings, on_row: RowCallback, *,
             address: str | None = None, token: str | bool | None = None, threads: int = 1,
             max_in_flight: int | None = None) -> None:
-    """One Ray task per adapter. The shared object is put in the object store once (`ray.put`); at most
+    """One Ray task per adapter. The shared object is put in the object store once (`ray.put`, its tensors as
+    zero-copy buffers that the workers on a node map rather than decode); at most
     `max_in_flight` tasks are queued at a time (default: twice the cluster's CPUs) and rows are reported as tasks
     finish (`ray.wait`). A task whose worker died is retried, then reported as that adapter's error."""
     with ray_session(address, token) as ray:
-        shared_ref = ray.put(shared)
+        shared_ref = ray.put(ZeroCopy(shared))  # its tensors stay in shared memory: workers map them, no copy
         task = ray.remote(max_retries=RAY_RETRIES, num_cpus=threads)(_ray_task)
         window = max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
         queue, pending = iter(targets), {}
