@@ -163,7 +163,8 @@ def test_fleet_of_tiny_adapters_gives_the_same_bytes_on_both_engines(fleet, ray_
     assert rc == 1, err  # some adapters failed, the fleet went on
     assert "adapters/min" in err and "9/9" in err  # one progress bar over the adapters, with its throughput
     assert "4 realigned, 0 up to date, 5 failed" in out.splitlines()
-    rc, _, err = cli(capsys, "realign", *flags, "--output", tmp_path / "ray", "--engine", "ray")
+    rc, _, err = cli(capsys, "realign", *flags, "--output", tmp_path / "ray", "--engine", "ray",
+                     "--ray-num-cpus", "0.5")  # more tasks than cores at once: the same bytes
     assert rc == 1, err
 
     seq, on_ray = summary(tmp_path / "seq"), summary(tmp_path / "ray")
@@ -422,6 +423,26 @@ def test_fleet_refuses_an_output_folder_with_user_files_before_any_work(fleet, t
     assert rc == 0, err
     assert "0 realigned, 0 up to date, 0 failed, 4 planned" in out_text.splitlines()
     assert not (tmp_path / "planned").exists()  # a dry run writes nothing
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--ray-num-cpus", "0.5"], "`ray_num_cpus` (`--ray-num-cpus`) needs `engine='ray'`"),
+    (["--ray-address", "auto"], "`ray_address` (`--ray-address`) needs `engine='ray'`"),
+])
+def test_ray_options_without_the_ray_engine_are_refused_before_any_work(fleet, tmp_path, capsys, flags, message):
+    rc, _, err = cli(capsys, "realign", "--safety-patch", fleet.patch, "--finetuned-glob", f"{fleet.adapters}/ft*",
+                     "--output", tmp_path / "out", *flags)
+    assert rc == 2 and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("cpus", [0, -1, float("nan"), True])
+def test_ray_num_cpus_must_be_a_positive_number(fleet, tmp_path, cpus):
+    patcher = NLSRPatcher.from_pretrained(None, safety_patch=fleet.patch)
+    with pytest.raises(ValueError, match="must be a positive number of CPUs per adapter task"):
+        realign_fleet(patcher, [str(fleet.adapters / "ft0")], settings=FleetSettings(output_dir=tmp_path / "o"),
+                      engine="ray", ray_num_cpus=cpus, progress=False)
+    assert not (tmp_path / "o").exists()
 
 
 def test_fleet_mode_does_not_import_ray(fleet, tmp_path):

@@ -32,6 +32,9 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
                        "or the cluster at --ray-address; needs `pip install 'nlsr-hub[ray]'`.")
     group.add_argument("--ray-address", default=None, help="Address of an existing Ray cluster (with --engine ray); "
                        "its workers need HF_TOKEN of their own, and --output must be a folder every node sees.")
+    group.add_argument("--ray-num-cpus", type=float, default=None, metavar="CPUS",
+                       help="CPUs Ray reserves per adapter task (with --engine ray; default 1). A fraction such as 0.5 "
+                       "runs more adapters than cores at once, so one computes while another waits for the disk.")
     group.add_argument("--force", action="store_true",
                        help="Realign every adapter, even those whose result already matches the input commit or file "
                        "hash, the safety patch and the config (skipped by default, so a re-run resumes).")
@@ -40,7 +43,7 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
 def fleet_requested(args: argparse.Namespace) -> bool:
     """Fleet mode: several `--finetuned`, a list file, a glob, a Hub listing, or the Ray engine."""
     return bool(len(args.finetuned) > 1 or args.finetuned_list or args.finetuned_glob or args.finetuned_hub
-                or args.engine != "sequential" or args.ray_address)
+                or args.engine != "sequential" or args.ray_address or args.ray_num_cpus is not None)
 
 
 def run_fleet_command(args: argparse.Namespace, make_patcher: Callable[[], Any]) -> int:
@@ -70,7 +73,7 @@ def run_fleet_command(args: argparse.Namespace, make_patcher: Callable[[], Any])
         strict_base=args.strict_base, dry_run=args.dry_run, resume=not args.force,
     )
     report = realign_fleet(make_patcher(), specs, settings=settings, engine=args.engine, ray_address=args.ray_address,
-                           calibration=args.calibration, token=args.token)
+                           ray_num_cpus=args.ray_num_cpus, calibration=args.calibration, token=args.token)
     print(report.table())
     if args.output is not None and not args.dry_run:
         print(f"summary written to {args.output / 'summary.json'} and {args.output / 'summary.md'}")

@@ -108,11 +108,18 @@ def _targets(specs: Sequence[str], names: Sequence[str], previous: Mapping[str, 
             for i, (spec, name) in enumerate(zip(specs, names, strict=True))]
 
 
-def _check_options(engine: str, ray_address: str | None, threads: int, settings: FleetSettings) -> None:
+def _check_options(engine: str, ray_address: str | None, ray_num_cpus: float | None, threads: int,
+                   settings: FleetSettings) -> None:
     if engine not in ENGINES:
         raise ValueError(f"Unknown engine {engine!r}; valid: {', '.join(ENGINES)}.")
-    if ray_address is not None and engine != "ray":
-        raise ValueError("`ray_address` (`--ray-address`) needs `engine='ray'` (`--engine ray`).")
+    for name, flag, value in (("ray_address", "--ray-address", ray_address),
+                              ("ray_num_cpus", "--ray-num-cpus", ray_num_cpus)):
+        if value is not None and engine != "ray":
+            raise ValueError(f"`{name}` (`{flag}`) needs `engine='ray'` (`--engine ray`).")
+    if ray_num_cpus is not None and (isinstance(ray_num_cpus, bool) or not isinstance(ray_num_cpus, (int, float))
+                                     or not 0 < ray_num_cpus < float("inf")):
+        raise ValueError(f"`ray_num_cpus` (`--ray-num-cpus`) must be a positive number of CPUs per adapter task, e.g. "
+                         f"1 or 0.5 (got {ray_num_cpus!r}).")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"`threads` must be a positive integer (got {threads!r}).")
     if settings.output_dir is None and settings.push_to is None and not settings.dry_run:
@@ -127,6 +134,7 @@ def realign_fleet(
     settings: FleetSettings,
     engine: str = "sequential",
     ray_address: str | None = None,
+    ray_num_cpus: float | None = None,
     calibration: Any = None,
     token: str | bool | None = None,
     threads: int = 1,
@@ -142,10 +150,12 @@ def realign_fleet(
     Args:
         patcher: an `NLSRPatcher` with a safety patch (``safety_patch=``) or what computes one (base and aligned).
         engine: ``sequential`` (this process) or ``ray`` (one task per adapter; `ray_address` for a cluster).
+        ray_num_cpus: CPUs Ray reserves for each adapter's task (default: `threads`). A fraction runs more tasks than
+            cores at once, so that one adapter's computation fills the time another waits for the disk.
         token: Hub token for this process; Ray workers started here inherit it, other Ray workers use their own.
         threads: torch threads per adapter (1 makes the bytes independent of the engine).
     """
-    _check_options(engine, ray_address, threads, settings)
+    _check_options(engine, ray_address, ray_num_cpus, threads, settings)
     names = assign_names(specs)
     if settings.push_to is not None and not settings.dry_run:
         check_push_template(settings.push_to, names)
@@ -161,13 +171,14 @@ def realign_fleet(
     rows = [make_row(t, settings, PENDING) for t in targets]
     writer = SummaryWriter(Path(settings.output_dir) if settings.output_dir is not None and not settings.dry_run
                            else None, header, rows)
-    _run(targets, shared, settings, writer, engine=engine, ray_address=ray_address, token=token, threads=threads,
-         progress=progress)
+    _run(targets, shared, settings, writer, engine=engine, token=token, threads=threads, progress=progress,
+         ray_options={"address": ray_address, "num_cpus": ray_num_cpus})
     return FleetReport(header=writer.header, rows=list(writer.rows))
 
 
 def _run(targets: Sequence[FleetTarget], shared: FleetShared, settings: FleetSettings, writer: SummaryWriter, *,
-         engine: str, ray_address: str | None, token: str | bool | None, threads: int, progress: bool) -> None:
+         engine: str, ray_options: Mapping[str, Any], token: str | bool | None, threads: int, progress: bool
+         ) -> None:
     """Run the engine with one progress bar over the adapters (throughput and failures beside it); the summary is
     written whatever happens, an interruption included."""
     bar = tqdm(total=len(targets), desc="nlsr fleet", unit="adapter", disable=not progress)
@@ -179,7 +190,7 @@ def _run(targets: Sequence[FleetTarget], shared: FleetShared, settings: FleetSet
 
     try:
         if engine == "ray":
-            run_ray(targets, shared, settings, on_row, address=ray_address, token=token, threads=threads)
+            run_ray(targets, shared, settings, on_row, token=token, threads=threads, **ray_options)
         else:
             run_sequential(targets, shared, settings, on_row, token=token, threads=threads)
     finally:

@@ -104,15 +104,17 @@ def ray_session(address: str | None, token: str | bool | None) -> Iterator[Any]:
 
 def run_ray(targets: Sequence[FleetTarget], shared: FleetShared, settings: FleetSettings, on_row: RowCallback, *,
             address: str | None = None, token: str | bool | None = None, threads: int = 1,
-            max_in_flight: int | None = None) -> None:
-    """One Ray task per adapter. The shared object is put in the object store once (`ray.put`, its tensors as
-    zero-copy buffers that the workers on a node map rather than decode); at most
-    `max_in_flight` tasks are queued at a time (default: twice the cluster's CPUs) and rows are reported as tasks
-    finish (`ray.wait`). A task whose worker died is retried, then reported as that adapter's error."""
+            num_cpus: float | None = None, max_in_flight: int | None = None) -> None:
+    """One Ray task per adapter, each reserving `num_cpus` CPUs (default: `threads`). The shared object is put in
+    the object store once (`ray.put`, its tensors as zero-copy buffers that the workers on a node map rather than
+    decode). At most `max_in_flight` tasks are queued at a time (default: twice as many as the cluster runs at once)
+    and rows are reported as tasks finish (`ray.wait`). A task whose worker died is retried, then reported as that
+    adapter's error."""
     with ray_session(address, token) as ray:
         shared_ref = ray.put(ZeroCopy(shared))  # its tensors stay in shared memory: workers map them, no copy
-        task = ray.remote(max_retries=RAY_RETRIES, num_cpus=threads)(_ray_task)
-        window = max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        per_task = threads if num_cpus is None else num_cpus
+        task = ray.remote(max_retries=RAY_RETRIES, num_cpus=per_task)(_ray_task)
+        window = max_in_flight or max(2, int(2 * ray.cluster_resources().get("CPU", 1) / per_task))
         queue, pending = iter(targets), {}
         for target in queue:
             pending[task.remote(target, [shared_ref], settings, threads)] = target
