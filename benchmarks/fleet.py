@@ -31,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -86,12 +87,13 @@ def write_fleet(root: Path, count: int, rank: int, layers: int) -> list[str]:
             for i in range(count)]
 
 
-def timed_fleet(patch: Path, specs: list[str], out: Path, engine: str, config: NLSRConfig) -> float:
+def timed_fleet(patch: Path, specs: list[str], out: Path, engine: str, config: NLSRConfig,
+                ray_num_cpus: float | None = None) -> float:
     """Seconds for one fleet run (every adapter realigned and written; resume off)."""
     patcher = NLSRPatcher.from_pretrained(None, safety_patch=patch, config=config)
     start = time.perf_counter()
     report = realign_fleet(patcher, specs, settings=FleetSettings(output_dir=out, resume=False), engine=engine,
-                           progress=False)
+                           ray_num_cpus=ray_num_cpus, progress=False)
     elapsed = time.perf_counter() - start
     failed = report.failed
     if failed:
@@ -135,6 +137,19 @@ def same_results(left: Path, right: Path) -> bool:
     return tree(left) == tree(right)
 
 
+def _runners(patch: Path, specs: list[str], root: Path, config: NLSRConfig, cores: int,
+             fractions: list[float]) -> dict[str, Callable[[Path], float]]:
+    """The timed fleets of one round, by label: sequential, Ray at one CPU per task and at each fraction, the pool."""
+    runners: dict[str, Callable[[Path], float]] = {
+        "sequential": lambda out: timed_fleet(patch, specs, out, "sequential", config),
+        "ray": lambda out: timed_fleet(patch, specs, out, "ray", config)}
+    for cpus in fractions:
+        runners[f"ray --ray-num-cpus {cpus:g}"] = (
+            lambda out, cpus=cpus: timed_fleet(patch, specs, out, "ray", config, ray_num_cpus=cpus))
+    runners["forked pool"] = lambda out: timed_pool(patch, specs, out, config, cores)
+    return runners
+
+
 def part_throughput(root: Path, args: argparse.Namespace) -> None:
     import ray
 
@@ -142,32 +157,53 @@ def part_throughput(root: Path, args: argparse.Namespace) -> None:
     log(f"(1) writing a safety patch and {args.fleet} adapters")
     patch = write_patch(root, args.fleet_rank, args.layers, config)
     specs = write_fleet(root / "fleet", args.fleet, args.fleet_rank, args.layers)
-    log("(1) sequential: warm-up, then the fleet")
+    log("(1) warm-ups: sequential, then Ray (start and one task per worker)")
     timed_fleet(patch, specs[:1], root / "warm-seq", "sequential", config)  # imports and first-touch costs
-    sequential = timed_fleet(patch, specs, root / "out-seq", "sequential", config)
-    log("(1) ray: start, warm-up, then the fleet")
     start = time.perf_counter()
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
     startup = time.perf_counter() - start
+    runners = _runners(patch, specs, root, config, cores, args.ray_fractions)
     try:
-        warm = timed_fleet(patch, specs[:cores], root / "warm-ray", "ray", config)
-        log("(1) ray: warm")
-        on_ray = timed_fleet(patch, specs, root / "out-ray", "ray", config)
+        start = time.perf_counter()
+        most = max([1.0] + [1 / f for f in args.ray_fractions])
+        timed_fleet(patch, specs[:int(cores * most)], root / "warm-ray", "ray", config, ray_num_cpus=1 / most)
+        warm = time.perf_counter() - start
+        seconds: dict[str, list[float]] = {label: [] for label in runners}
+        same: dict[str, bool] = {}
+        for round_ in range(args.rounds):  # side by side: each round runs every engine once, in a rotated order
+            labels = list(runners)[round_ % len(runners):] + list(runners)[:round_ % len(runners)]
+            outs = {label: root / f"out-{round_}-{i}" for i, label in enumerate(runners)}
+            for label in labels:
+                seconds[label].append(runners[label](outs[label]))
+                log(f"(1) round {round_ + 1}: {label} {seconds[label][-1]:.1f} s")
+            if round_ == 0:
+                same = {label: same_results(outs["sequential"], out) for label, out in outs.items()}
+            for out in outs.values():
+                shutil.rmtree(out)
     finally:
         ray.shutdown()
-    log("(1) plain processes: the same fleet on a forked pool (what the cores allow)")
-    pooled = timed_pool(patch, specs, root / "out-pool", config, cores)
-    per_min = {name: 60 * args.fleet / seconds for name, seconds in (("sequential", sequential), ("ray", on_ray))}
+    report_throughput(args, config, cores, seconds, same, startup=startup, warm=warm)
+
+
+def report_throughput(args: argparse.Namespace, config: NLSRConfig, cores: int, seconds: dict[str, list[float]],
+                      same: dict[str, bool], *, startup: float, warm: float) -> None:
+    sequential = statistics.median(seconds["sequential"])
     print(f"(1) fleet of {args.fleet} Llama-3-8B-shaped adapters ({args.layers * 7} modules, rank {args.fleet_rank}, "
-          f"bf16), restorer {config.restorer} (--preset {args.preset}), {cores} cores, one torch thread per adapter")
-    print(f"    sequential: {sequential:.1f} s = {per_min['sequential']:.1f} adapters/min")
-    print(f"    ray:        {on_ray:.1f} s = {per_min['ray']:.1f} adapters/min (not counted: ray.init {startup:.1f} s, "
-          f"warm-up fleet of {cores} {warm:.1f} s)")
-    print(f"    speed-up: {per_min['ray'] / per_min['sequential']:.2f}x (target >= 1.7x on 2 cores); "
-          f"same bytes from both engines: {same_results(root / 'out-seq', root / 'out-ray')}")
-    print(f"    reference, not an engine: {cores} forked processes sharing the prepared patch, no engine: "
-          f"{pooled:.1f} s = {sequential / pooled:.2f}x the sequential fleet (the fleet's patch preparation and "
-          "Ray's put / fetch not included)")
+          f"bf16), restorer {config.restorer} (--preset {args.preset}), {cores} cores, one torch thread per adapter; "
+          f"median of {args.rounds} rounds, each running every line once (Ray's start {startup:.1f} s and a warm-up "
+          f"fleet {warm:.1f} s not counted)")
+    for label, times in seconds.items():
+        median = statistics.median(times)
+        rounds = " ".join(f"{t:.1f}" for t in times)
+        ratio = "" if label == "sequential" else (f" = {sequential / median:.2f}x sequential, same bytes: "
+                                                 f"{same[label]}")
+        note = " (reference, not an engine: forked processes that inherit the prepared patch)" \
+            if label == "forked pool" else ""
+        print(f"    {label:<26} {median:5.1f} s = {60 * args.fleet / median:5.1f} adapters/min{ratio} "
+              f"[rounds: {rounds}]{note}")
+    for label in (label for label in seconds if label.startswith("ray")):
+        print(f"    speed-up of {label} over sequential: {sequential / statistics.median(seconds[label]):.2f}x "
+              "(target >= 1.7x on 2 cores)")
 
 
 def copy_seconds(folder: Path, target: Path, *, durable: bool = False) -> float:
@@ -250,6 +286,10 @@ def main() -> None:
     parser.add_argument("--ranks", type=lambda s: [int(r) for r in s.split(",")], default=[16, 128],
                         help="Ranks for the per-adapter cost (default 16,128).")
     parser.add_argument("--repeats", type=int, default=3, help="Timed repeats per rank in (2).")
+    parser.add_argument("--rounds", type=int, default=3, help="Rounds of (1), each timing every line once.")
+    parser.add_argument("--ray-fractions", type=lambda s: [float(f) for f in s.split(",") if f], default=[0.5],
+                        help="Also time Ray at these CPUs per task (--ray-num-cpus), comma-separated (default 0.5; "
+                        "'' for none).")
     parser.add_argument("--preset", choices=("paper", "default"), default="paper",
                         help="paper (default here): the NLSR engine, low-rank throughout, whose per-adapter work is "
                         "I/O, similarity, plan and patch; default: nlsr-addback, which works on each module's dense "

@@ -3,14 +3,16 @@ input.
 
 - A file is written to a temporary file beside it and renamed: it is absent, its old version, or complete.
 - A result folder is written into a staging folder beside it and swapped in as a whole (one atomic exchange where
-  the system offers it), so a re-save never mixes old and new files. One writer per folder at a time (a lock
-  beside it); staging folders left by a killed process are removed by the next save.
+  the system offers it), so a re-save never mixes old and new files. Its files are synced to disk together just
+  before the swap, not one by one as each is written. One writer per folder at a time (a lock beside it); staging
+  folders left by a killed process are removed by the next save.
 - An output that is, contains or lies inside an input is refused, before any work is done.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import errno
 import os
@@ -26,23 +28,32 @@ from pathlib import Path
 from .errors import MissingFileError, UnreadableFileError
 
 _STAGING_SUFFIXES = ("partial", "old")
+# the staging folders being written in this context: files written into one are synced when it is swapped in
+_STAGING: contextvars.ContextVar[frozenset[Path]] = contextvars.ContextVar("nlsr_staging", default=frozenset())
+
+
+def _fsync(path: str | Path) -> None:
+    """Flush a file's (or a folder's) data and metadata to disk."""
+    fd = os.open(path, os.O_RDONLY if os.path.isdir(path) else os.O_RDWR)  # some systems sync only a writable file
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path` for the caller to write (e.g. a library's ``save_file``); on success it
-    is synced to disk and renamed to `path` (absent, its old version, or complete); on failure it is removed."""
+    is synced to disk and renamed to `path` (absent, its old version, or complete); on failure it is removed. In a
+    staging folder of `atomic_directory` the sync waits for the folder's, which syncs all its files at once."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
         yield Path(tmp)
-        fd = os.open(tmp, os.O_RDWR)  # some systems sync only a file opened for writing
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if Path(os.path.abspath(target.parent)) not in _STAGING.get():
+            _fsync(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)
     except BaseException:
@@ -201,11 +212,19 @@ def _swap_in(staging: Path, final: Path) -> None:
         os.rename(staging, final)
         _remove(old)
     with contextlib.suppress(OSError):  # make the renames durable
-        fd = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(final.parent)
+
+
+def _sync_tree(root: Path) -> None:
+    """Sync every file under `root` to disk, then every folder (files first: the disk writes them all back at once,
+    and each later sync finds its file's data already there)."""
+    folders, files = [], []
+    for folder, _, names in os.walk(root):
+        folders.append(folder)
+        files.extend(os.path.join(folder, name) for name in sorted(names))
+    for path in [*files, *reversed(folders)]:
+        if not os.path.islink(path):
+            _fsync(path)
 
 
 def _remove(path: Path) -> None:
@@ -270,8 +289,13 @@ def atomic_directory(target: str | Path, *, owned: Collection[str] = (), marker:
         check_output_folder(final, owned=owned, marker=marker)  # again, now that no other writer can change it
         staging = final.with_name(f".{final.name}.nlsr-{secrets.token_hex(4)}.partial")
         staging.mkdir(mode=0o755)
+        token = _STAGING.set(_STAGING.get() | {staging})
         try:
-            yield staging
+            try:
+                yield staging
+            finally:
+                _STAGING.reset(token)
+            _sync_tree(staging)  # everything written into it, by this module or by a library, durable before the swap
             os.chmod(staging, 0o755)
             _swap_in(staging, final)
         finally:

@@ -139,3 +139,22 @@ def test_the_current_folder_is_never_swapped_away(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match=r"current folder"), atomic_directory(target):
             pytest.fail("the body must not run")
     assert os.getcwd() == str(tmp_path)
+
+
+def test_a_result_folder_is_synced_as_a_whole_before_the_swap_and_a_lone_file_at_once(tmp_path, monkeypatch):
+    events: list[tuple[str, str]] = []
+    sync, swap = nlsr_io._fsync, nlsr_io._swap_in
+    monkeypatch.setattr(nlsr_io, "_fsync", lambda path: (events.append(("sync", os.path.basename(path))), sync(path)))
+    monkeypatch.setattr(nlsr_io, "_swap_in", lambda staging, final: (events.append(("swap", final.name)),
+                                                                     swap(staging, final)))
+    with atomic_directory(tmp_path / "out") as staging:
+        atomic_write_text(staging / "a.json", "{}")
+        assert events == []  # written into the staging folder: not synced on its own
+        (staging / "sub").mkdir()
+        (staging / "sub" / "lib.bin").write_bytes(b"written by a library")  # not through this module
+    synced = [name for kind, name in events[:-2] if kind == "sync"]
+    assert sorted(synced[:2]) == ["a.json", "lib.bin"]  # every file, then the folders
+    assert synced[2:] == ["sub", staging.name] and events[-2:] == [("swap", "out"), ("sync", tmp_path.name)]
+    events.clear()
+    atomic_write_text(tmp_path / "lone.json", "{}")
+    assert [kind for kind, _ in events] == ["sync"] and events[0][1].startswith(".lone.json.")  # before the rename
