@@ -126,7 +126,10 @@ def timed_pool(patch: Path, specs: list[str], out: Path, config: NLSRConfig, wor
                              enumerate(specs[:workers])], chunksize=1)
         start = time.perf_counter()
         pool.map(_pool_one, [(i, spec, str(out)) for i, spec in enumerate(specs)], chunksize=1)
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        pool.close()  # let the workers exit: a terminated fork of a Ray driver prints Ray's SIGTERM trace
+        pool.join()
+    return elapsed
 
 
 def same_results(left: Path, right: Path) -> bool:
@@ -255,7 +258,7 @@ def part_cost(root: Path, args: argparse.Namespace) -> None:
         shared = prepare_shared(NLSRPatcher.from_pretrained(None, safety_patch=patch, config=config), progress=False)
         settings = FleetSettings(output_dir=root / f"cost-out-r{rank}", resume=False)
         target = FleetTarget(index=0, spec=spec, name="adapter")
-        copies, durable, costs = [], [], []
+        copies, durable, costs, written = [], [], [], []
         with torch_threads(1):  # as the engines run an adapter
             realign_one(target, shared, settings)  # first touch
             for _ in range(args.repeats):
@@ -267,14 +270,18 @@ def part_cost(root: Path, args: argparse.Namespace) -> None:
                 costs.append(time.perf_counter() - start)
                 if row["error"]:
                     raise RuntimeError(row["error"])
+                written.append(copy_seconds(settings.output_dir / target.name, root / f"copy-out-r{rank}",
+                                            durable=True))
             parts = breakdown(shared, spec, root / f"breakdown-r{rank}")
         size = sum(f.stat().st_size for f in Path(spec).iterdir()) / 2**20
         copy, cost = statistics.median(copies), statistics.median(costs)
         detail = ", ".join(f"{k} {v:.2f} s" for k, v in parts.items())
-        synced = statistics.median(durable)
+        synced, output = statistics.median(durable), statistics.median(written)
+        out_size = sum(f.stat().st_size for f in (settings.output_dir / target.name).iterdir()) / 2**20
         print(f"    rank {rank:>3} ({size:,.0f} MiB of adapter files): realign {cost:.2f} s vs copy {copy:.2f} s = "
               f"{cost / copy:.2f}x (target <= 1.5x); vs a durable copy (fsync, as results are written) {synced:.2f} s "
-              f"= {cost / synced:.2f}x; {detail}")
+              f"= {cost / synced:.2f}x; vs a durable copy of the result's own files ({out_size:,.0f} MiB, the bytes "
+              f"fleet mode must write) {output:.2f} s = {cost / output:.2f}x; {detail}")
 
 
 def main() -> None:
@@ -287,9 +294,9 @@ def main() -> None:
                         help="Ranks for the per-adapter cost (default 16,128).")
     parser.add_argument("--repeats", type=int, default=3, help="Timed repeats per rank in (2).")
     parser.add_argument("--rounds", type=int, default=3, help="Rounds of (1), each timing every line once.")
-    parser.add_argument("--ray-fractions", type=lambda s: [float(f) for f in s.split(",") if f], default=[0.5],
-                        help="Also time Ray at these CPUs per task (--ray-num-cpus), comma-separated (default 0.5; "
-                        "'' for none).")
+    parser.add_argument("--ray-fractions", type=lambda s: [float(f) for f in s.split(",") if f], default=[],
+                        help="Also time Ray at these CPUs per task (--ray-num-cpus), comma-separated, e.g. 0.5 "
+                        "(default: none).")
     parser.add_argument("--preset", choices=("paper", "default"), default="paper",
                         help="paper (default here): the NLSR engine, low-rank throughout, whose per-adapter work is "
                         "I/O, similarity, plan and patch; default: nlsr-addback, which works on each module's dense "
