@@ -4,7 +4,7 @@ rows and resume.
 
 - `inputs`: where the adapters come from and each one's result name;
 - `work`: one adapter, start to finish (the function every engine runs);
-- `engines`: ``sequential`` and ``ray``;
+- `engines`: ``sequential`` and ``ray``; `payload`: the shared patch as zero-copy buffers for Ray's object store;
 - `summary`: ``summary.json`` / ``summary.md``;
 - `driver`: `realign_fleet`, the entry point; `command`: the ``nlsr realign`` flags of fleet mode.
 """
