@@ -67,3 +67,27 @@ def test_a_safety_patch_round_trips_with_its_reference_norms_and_hash(trio):
 def test_tensors_that_cannot_travel_this_way_are_refused_with_the_reason():
     with pytest.raises(ValueError, match="requires_grad=True"):
         pickle.dumps(ZeroCopy({"w": torch.ones(2, requires_grad=True)}), protocol=5, buffer_callback=lambda b: None)
+
+
+@pytest.mark.parametrize("preset", ["default", "paper"])
+def test_realigning_against_a_shipped_patch_never_writes_into_it_and_gives_the_same_adapter(trio, preset):
+    import dataclasses
+
+    from nlsr_hub import NLSRConfig, NLSRPatcher
+
+    aligned, finetuned = load_adapter(trio.aligned), load_adapter(trio.finetuned)
+    built = build_safety_patch(aligned, None, scorer="random", sparsity_ratio=0.8, seed=3)
+    norms = {name: torch.rand(module.shape[1], generator=torch.Generator().manual_seed(1))
+             for name, module in aligned.modules.items()}
+    patch = fill_reference_norms(dataclasses.replace(built, input_norms=norms))
+    buffers: list[pickle.PickleBuffer] = []
+    blob = pickle.dumps(ZeroCopy(patch), protocol=5, buffer_callback=buffers.append)
+    shipped = pickle.loads(blob, buffers=[bytes(b.raw()) for b in buffers])  # private, read-only copies
+    before = patch_sha256(shipped)
+    config = NLSRConfig.preset(preset)
+    got = NLSRPatcher(safety_patch=shipped, config=config).realign(finetuned=finetuned, progress=False).adapter
+    want = NLSRPatcher(safety_patch=patch, config=config).realign(finetuned=finetuned, progress=False).adapter
+    assert patch_sha256(shipped) == before  # nothing wrote into the shipped tensors
+    assert got.modules.keys() == want.modules.keys()
+    for name, module in got.modules.items():
+        assert torch.equal(module.A, want.modules[name].A) and torch.equal(module.B, want.modules[name].B), name
