@@ -85,8 +85,10 @@ class LoraModule:
         return int(self.B.shape[0]), int(self.A.shape[1])
 
     def delta(self) -> torch.Tensor:
-        """The dense weight update in float32 (for tests and small modules only)."""
-        return self.scale * (self.B.float() @ self.A.float())
+        """The dense weight update in float32. The factors are multiplied as fresh float32 copies, so the result does
+        not depend on where they sit (a memory map, Ray's object store): BLAS may round differently by alignment."""
+        fresh = {"dtype": torch.float32, "memory_format": torch.contiguous_format, "copy": True}
+        return self.scale * (self.B.to(**fresh) @ self.A.to(**fresh))
 
 
 @dataclass(frozen=True)

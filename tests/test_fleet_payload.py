@@ -69,25 +69,37 @@ def test_tensors_that_cannot_travel_this_way_are_refused_with_the_reason():
         pickle.dumps(ZeroCopy({"w": torch.ones(2, requires_grad=True)}), protocol=5, buffer_callback=lambda b: None)
 
 
-@pytest.mark.parametrize("preset", ["default", "paper"])
-def test_realigning_against_a_shipped_patch_never_writes_into_it_and_gives_the_same_adapter(trio, preset):
+def _shipped(value):
+    """`value` as a Ray worker gets it: through ZeroCopy, its buffers private read-only copies."""
+    buffers: list[pickle.PickleBuffer] = []
+    blob = pickle.dumps(ZeroCopy(value), protocol=5, buffer_callback=buffers.append)
+    return pickle.loads(blob, buffers=[bytes(b.raw()) for b in buffers])
+
+
+@pytest.mark.parametrize("restorer", ["addback", "interpolate", "safelora", "nlsr-dense", "nlsr-addback", "nlsr"])
+def test_realigning_against_what_a_fleet_ships_never_writes_into_it_and_gives_the_same_adapter(trio, restorer):
     import dataclasses
 
     from nlsr_hub import NLSRConfig, NLSRPatcher
+    from nlsr_hub.fleet.work import adapter_sha256
+    from nlsr_hub.restorers import RESTORERS
 
     aligned, finetuned = load_adapter(trio.aligned), load_adapter(trio.finetuned)
-    built = build_safety_patch(aligned, None, scorer="random", sparsity_ratio=0.8, seed=3)
-    norms = {name: torch.rand(module.shape[1], generator=torch.Generator().manual_seed(1))
-             for name, module in aligned.modules.items()}
-    patch = fill_reference_norms(dataclasses.replace(built, input_norms=norms))
-    buffers: list[pickle.PickleBuffer] = []
-    blob = pickle.dumps(ZeroCopy(patch), protocol=5, buffer_callback=buffers.append)
-    shipped = pickle.loads(blob, buffers=[bytes(b.raw()) for b in buffers])  # private, read-only copies
-    before = patch_sha256(shipped)
-    config = NLSRConfig.preset(preset)
-    got = NLSRPatcher(safety_patch=shipped, config=config).realign(finetuned=finetuned, progress=False).adapter
-    want = NLSRPatcher(safety_patch=patch, config=config).realign(finetuned=finetuned, progress=False).adapter
-    assert patch_sha256(shipped) == before  # nothing wrote into the shipped tensors
+    config = NLSRConfig(restorer=restorer)
+    if RESTORERS[restorer].needs == "patch":  # what `prepare_shared` ships for this restorer
+        built = build_safety_patch(aligned, None, scorer="random", sparsity_ratio=0.8, seed=3,
+                                   granularity=config.granularity)
+        norms = {name: torch.rand(module.shape[1], generator=torch.Generator().manual_seed(1))
+                 for name, module in aligned.modules.items()}
+        original = fill_reference_norms(dataclasses.replace(built, input_norms=norms))
+        digest, role = patch_sha256, "safety_patch"
+    else:
+        original, digest, role = aligned, adapter_sha256, "aligned"
+    shipped = _shipped(original)
+    before = digest(shipped)
+    got = NLSRPatcher(config=config, **{role: shipped}).realign(finetuned=finetuned, progress=False).adapter
+    want = NLSRPatcher(config=config, **{role: original}).realign(finetuned=finetuned, progress=False).adapter
+    assert digest(shipped) == before  # nothing wrote into the shipped tensors
     assert got.modules.keys() == want.modules.keys()
     for name, module in got.modules.items():
         assert torch.equal(module.A, want.modules[name].A) and torch.equal(module.B, want.modules[name].B), name
