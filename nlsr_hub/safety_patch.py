@@ -52,6 +52,11 @@ class SafetyPatch(PushToHubMixin):
     # against this patch, filled on first use by `patch.similarities`; not saved, not compared, fresh in a copy
     # made with `dataclasses.replace`
     reference_squared_norms: dict[str, float] = field(default_factory=dict, init=False, repr=False, compare=False)
+    # memo of the dense restorers at row granularity, per (module, sparsity ratio): the reference's row mask (from its
+    # dense update, the same for every fine-tuned adapter) and the squared norm of its masked update (float64); not
+    # saved, not compared, fresh in a copy made with `dataclasses.replace`
+    row_memo: dict[tuple[str, float], tuple[torch.Tensor, float]] = field(default_factory=dict, init=False,
+                                                                          repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if set(self.masks) != set(self.reference.modules):

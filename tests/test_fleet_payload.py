@@ -103,3 +103,24 @@ def test_realigning_against_what_a_fleet_ships_never_writes_into_it_and_gives_th
     assert got.modules.keys() == want.modules.keys()
     for name, module in got.modules.items():
         assert torch.equal(module.A, want.modules[name].A) and torch.equal(module.B, want.modules[name].B), name
+
+
+@pytest.mark.parametrize(("preset", "memo"), [("default", "row_memo"), ("paper", "reference_squared_norms")])
+def test_a_fleet_ships_its_patch_prepared_once_for_every_adapter(trio, preset, memo):
+    import dataclasses
+
+    from nlsr_hub import NLSRConfig, NLSRPatcher
+    from nlsr_hub.fleet.driver import prepare_shared
+
+    aligned = load_adapter(trio.aligned)
+    config = NLSRConfig.preset(preset)
+    built = build_safety_patch(aligned, None, scorer="random", sparsity_ratio=0.8, seed=3,
+                               granularity=config.granularity)
+    norms = {name: torch.ones(module.shape[1]) for name, module in aligned.modules.items()}
+    patch = dataclasses.replace(built, input_norms=norms)
+    shared = prepare_shared(NLSRPatcher(safety_patch=patch, config=config), progress=False)
+    filled = getattr(shared.patch, memo)
+    assert len(filled) == len(aligned.modules)  # the restorer's `prepare` ran in the driver
+    back = _shipped(shared)
+    assert getattr(back.patch, memo).keys() == filled.keys()
+    assert back.patch_sha256 == shared.patch_sha256 == patch_sha256(patch)  # memos are not part of the identity

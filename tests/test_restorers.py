@@ -116,8 +116,12 @@ def test_dense_restorers_against_the_dense_definition(pair, granularity, name):
         assert torch.equal(got_mask.reshape(-1, 1).expand_as(mask) if got_mask.ndim == 1 else got_mask, mask)
         m = mask.double()
         e, t = ref.delta().double(), ft.delta().double()
+        if granularity == "row":  # taken on the factors in float64: compare with the float64 product
+            e64, t64 = (mod.scale * (mod.B.double() @ mod.A.double()) for mod in (ref, ft))
+            cosine64 = float((m * e64 * m * t64).sum() / ((m * e64).norm() * (m * t64).norm()))
+            assert plan.decision(module).similarity == pytest.approx(cosine64, abs=1e-12)
         cosine = float((m * e * m * t).sum() / ((m * e).norm() * (m * t).norm()))
-        assert plan.decision(module).similarity == pytest.approx(cosine, abs=1e-9)
+        assert plan.decision(module).similarity == pytest.approx(cosine, abs=1e-9 if granularity == "element" else 1e-7)
         if not plan.decision(module).patched:
             assert adapter.modules[module] is ft  # untouched: the very same tensors
             continue
@@ -271,3 +275,34 @@ def test_aligned_restorers_also_run_from_a_saved_safety_patch(trio, tmp_path):
                            metadata={**supplied.metadata, "reference_source": "supplied"})
     with pytest.raises(ValueError, match="cannot give back the aligned adapter"):
         supplied.aligned_update()
+
+
+@pytest.mark.parametrize("name", ["nlsr-dense", "nlsr-addback"])
+def test_row_restorers_form_no_dense_update_per_adapter_once_the_patch_is_prepared(pair, name, monkeypatch):
+    aligned, finetuned = pair
+    config = NLSRConfig(restorer=name, granularity="row", selection="fraction", fraction=0.5, sparsity_ratio=0.75)
+    fresh = restore(RestoreInputs(finetuned=finetuned, patch=_patch(aligned)), config)
+    prepared = _patch(aligned)
+    RESTORERS[name].prepare(prepared, config)
+    assert sorted(prepared.row_memo) == [(module, 0.75) for module in sorted(aligned.modules)]
+
+    def no_dense(self):
+        raise AssertionError("a dense update was formed")
+
+    monkeypatch.setattr(LoraModule, "delta", no_dense)
+    plan, adapter = restore(RestoreInputs(finetuned=finetuned, patch=prepared), config)
+    assert plan.to_json() == fresh[0].to_json()  # the memo gives the same plan, to the byte
+    for module in aligned.modules:
+        assert torch.equal(adapter.modules[module].A, fresh[1].modules[module].A)
+        assert torch.equal(adapter.modules[module].B, fresh[1].modules[module].B)
+
+
+def test_the_row_memo_is_kept_per_sparsity_ratio(pair):
+    aligned, finetuned = pair
+    shared = _patch(aligned)
+    for ratio in (0.75, 0.5, 0.75):  # one patch, several configs (as `choose` tries candidates): never a stale mask
+        config = NLSRConfig(restorer="nlsr-addback", granularity="row", sparsity_ratio=ratio)
+        got, _ = restore(RestoreInputs(finetuned=finetuned, patch=shared), config)
+        want, _ = restore(RestoreInputs(finetuned=finetuned, patch=_patch(aligned)), config)
+        assert got.to_json() == want.to_json()
+    assert {ratio for _, ratio in shared.row_memo} == {0.75, 0.5}

@@ -71,11 +71,11 @@ def prepare_shared(patcher: Any, calibration: Any = None, *, progress: bool = Tr
     from ..restorers import get_restorer
 
     patch, aligned = None, None
-    if get_restorer(patcher.config.restorer).needs == "patch":
-        from ..patch import fill_reference_norms
-
-        # the reference side of every similarity, once: the patch carries it to every task (Ray's object store)
-        patch = fill_reference_norms(patcher.safety_patch(calibration, progress=progress))
+    restorer = get_restorer(patcher.config.restorer)
+    if restorer.needs == "patch":
+        patch = patcher.safety_patch(calibration, progress=progress)
+        if restorer.prepare is not None:  # what every adapter would recompute, once: the patch carries it to the tasks
+            restorer.prepare(patch, patcher.config)
     else:
         aligned = patcher.aligned if patcher.aligned is not None else patcher.safety_patch().aligned_update()
     sha = patch_sha256(patch) if patch is not None else adapter_sha256(aligned)

@@ -40,30 +40,37 @@ class RestoreInputs:
 
 
 RestoreFn = Callable[..., "tuple[RealignmentPlan, LoraAdapter | None]"]
+PrepareFn = Callable[["SafetyPatch", "NLSRConfig"], None]
 
 
 @dataclass(frozen=True)
 class Restorer:
-    """A registered restorer: its function, what it needs, its main knob (a `NLSRConfig` field) and a line of help."""
+    """A registered restorer: its function, what it needs, its main knob (a `NLSRConfig` field), a line of help, and
+    optionally `prepare(patch, config)`, which computes once into the patch's memos what every fine-tuned adapter
+    would otherwise recompute (fleet mode calls it before shipping the patch to its workers)."""
 
     name: str
     fn: RestoreFn
     needs: str
     knob: str
     description: str = ""
+    prepare: PrepareFn | None = None
 
 
 RESTORERS: Registry[Restorer] = Registry("restorer")
 
 
-def register_restorer(name: str, *, needs: str, knob: str) -> Callable[[RestoreFn], RestoreFn]:
-    """Decorator adding ``fn(inputs, config, *, build) -> (plan, adapter or None)`` to `RESTORERS` as `name`."""
+def register_restorer(name: str, *, needs: str, knob: str, prepare: PrepareFn | None = None
+                      ) -> Callable[[RestoreFn], RestoreFn]:
+    """Decorator adding ``fn(inputs, config, *, build) -> (plan, adapter or None)`` to `RESTORERS` as `name`
+    (`prepare`: see `Restorer`)."""
     if needs not in NEEDS:
         raise ValueError(f"Unknown need {needs!r}; valid: {', '.join(NEEDS)}.")
 
     def decorator(fn: RestoreFn) -> RestoreFn:
         doc = (fn.__doc__ or "").strip().splitlines()
-        RESTORERS[name] = Restorer(name=name, fn=fn, needs=needs, knob=knob, description=doc[0] if doc else "")
+        RESTORERS[name] = Restorer(name=name, fn=fn, needs=needs, knob=knob, description=doc[0] if doc else "",
+                                   prepare=prepare)
         return fn
 
     return decorator
@@ -89,4 +96,4 @@ def restore(inputs: RestoreInputs, config: NLSRConfig, *, build: bool = True
 
 from . import baselines, dense, nlsr  # noqa: E402,F401  (registration)
 
-__all__ = ["RESTORERS", "RestoreInputs", "Restorer", "get_restorer", "register_restorer", "restore"]
+__all__ = ["RESTORERS", "PrepareFn", "RestoreInputs", "Restorer", "get_restorer", "register_restorer", "restore"]

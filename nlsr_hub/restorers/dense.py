@@ -8,10 +8,13 @@ The similarity is ``cos_F(M⊙ΔW_e, M⊙ΔW_t)``; modules are selected from it 
 - ``nlsr-dense`` transplants: ``ΔW'' = ΔW_t + M⊙(ΔW_e − ΔW_t)`` (masked entries become the reference's);
 - ``nlsr-addback`` adds: ``ΔW'' = ΔW_t + λ·M⊙ΔW_e`` (the reference's safety-critical part added back).
 
-At row granularity the result is an exact LoRA of rank r_t + r_e (the plan equals a dry run's). At element
-granularity the correction is re-factorised by truncated SVD (`kept_energy`), appended to the fine-tuned factors;
-each such module's rank and the correction's relative error are recorded in the plan (a dry run cannot know
-them). Never more than one module's d_out × d_in is in memory.
+At row granularity the result is an exact LoRA of rank r_t + r_e (the plan equals a dry run's), and no dense update is
+formed for a fine-tuned adapter: the row mask depends on the reference alone, so it is computed once per patch and
+kept in its memo (`prepare` fills it before a fleet ships the patch), and the similarity is the same cosine taken
+on the factors through the trace identity in float64. At element granularity the correction is re-factorised by
+truncated SVD (`kept_energy`), appended to the fine-tuned factors; each such module's rank and the correction's
+relative error are recorded in the plan (a dry run cannot know them). Never more than one module's d_out × d_in is
+in memory.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from ..config import NLSRConfig
 from ..lowrank import add_dense, combine, row_masked
 from ..masks import top_fraction_mask
 from ..plan import plan_realignment, realignment_recipe, with_outcomes
-from ..similarity import NonFiniteError, naming_module
+from ..similarity import NonFiniteError, SimilarityTerms, naming_module
 from . import RestoreInputs, register_restorer
 
 
@@ -69,6 +72,62 @@ def update_cosine(delta_e: torch.Tensor, delta_t: torch.Tensor, mask: torch.Tens
     return max(-1.0, min(1.0, float((e * t).sum()) / (ne * nt)))
 
 
+def _row_factors(module: LoraModule, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(M⊙s·B, A)`` in float64 (fresh copies: BLAS results must not depend on where a factor sits)."""
+    fresh = {"dtype": torch.float64, "memory_format": torch.contiguous_format, "copy": True}
+    B = module.B.to(**fresh).mul_(module.scale).mul_(rows.to(torch.float64).reshape(-1, 1))
+    return B, module.A.to(**fresh)
+
+
+def _trace_inner(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> float:
+    """``⟨B1·A1, B2·A2⟩_F = tr((B1ᵀ·B2)·(A2·A1ᵀ))``, forming only r×r products."""
+    return float(torch.sum((B1.T @ B2) * (A1 @ A2.T)))
+
+
+def row_reference(patch: Any, name: str, sparsity_ratio: float) -> tuple[torch.Tensor, float]:
+    """The reference's row mask of module `name` (top ``1 − P_SR`` rows of ``|ΔW_e| ⊙ ‖x_j‖``) and the squared norm of
+    its masked update, from `patch.row_memo` or computed once and kept there."""
+    key = (name, float(sparsity_ratio))
+    if key not in patch.row_memo:
+        reference = patch.reference.modules[name]
+        rows = update_mask(reference.delta(), patch.input_norms[name], sparsity_ratio, "row")
+        B, A = _row_factors(reference, rows)
+        patch.row_memo[key] = (rows, _trace_inner(B, A, B, A))
+    return patch.row_memo[key]
+
+
+def row_cosine(reference: LoraModule, finetuned: LoraModule, rows: torch.Tensor,
+               reference_squared: float | None = None) -> float:
+    """``cos_F(M⊙ΔW_e, M⊙ΔW_t)`` for a row mask, on the factors (float64; the same conventions as
+    `update_cosine`); `reference_squared` (from `row_reference`) saves the reference side's product."""
+    B_t, A_t = _row_factors(finetuned, rows)
+    B_e, A_e = _row_factors(reference, rows)
+    if reference_squared is None:
+        reference_squared = _trace_inner(B_e, A_e, B_e, A_e)
+    terms = SimilarityTerms(_trace_inner(B_e, A_e, B_t, A_t), reference_squared, _trace_inner(B_t, A_t, B_t, A_t))
+    return terms.cosine
+
+
+def _prepare_rows(patch: Any, config: NLSRConfig) -> None:
+    """Every module's row mask and reference-side norm into the patch's memo (row granularity only)."""
+    if config.granularity == "row" and patch.input_norms:
+        for name in sorted(patch.reference.modules):
+            row_reference(patch, name, config.sparsity_ratio)
+
+
+def _module_similarity(patch: Any, name: str, finetuned: LoraModule, config: NLSRConfig
+                       ) -> tuple[float, torch.Tensor]:
+    """One module's similarity and its mask (rows from the memo, or the element mask of the dense update)."""
+    reference = patch.reference.modules[name]
+    with naming_module(name):
+        if config.granularity == "row":
+            rows, squared = row_reference(patch, name, config.sparsity_ratio)
+            return row_cosine(reference, finetuned, rows, squared), rows
+        delta_e = reference.delta()
+        mask = update_mask(delta_e, patch.input_norms[name], config.sparsity_ratio, config.granularity)
+        return update_cosine(delta_e, finetuned.delta(), mask), mask
+
+
 def _mask_counts(mask: torch.Tensor, shape: tuple[int, int]) -> tuple[int, int]:
     return int(mask.sum()), (shape[0] if mask.ndim == 1 else shape[0] * shape[1])
 
@@ -100,13 +159,9 @@ def _restore_dense(inputs: RestoreInputs, config: NLSRConfig, build: bool, opera
     check_compatible_modules(patch.reference, target, granularity="row", restoration="neuron")
     granularity = config.granularity
     sims, counts, rows = {}, {}, {}
-    for name in sorted(target.modules):  # one reference update per module in memory at a time
-        reference = patch.reference.modules[name]
-        delta_e = reference.delta()
-        mask = update_mask(delta_e, patch.input_norms[name], config.sparsity_ratio, granularity)
-        with naming_module(name):
-            sims[name] = update_cosine(delta_e, target.modules[name].delta(), mask)
-        counts[name] = _mask_counts(mask, reference.shape)
+    for name in sorted(target.modules):  # at most one dense update in memory at a time (element granularity)
+        sims[name], mask = _module_similarity(patch, name, target.modules[name], config)
+        counts[name] = _mask_counts(mask, patch.reference.modules[name].shape)
         if mask.ndim == 1:  # row masks are d_out bools: kept for the build; element masks are recomputed there
             rows[name] = mask
     recipe = {**realignment_recipe(config), "mask_rule": "top_k"}  # its masks on the dense update are always top-k
@@ -127,13 +182,13 @@ def _restore_dense(inputs: RestoreInputs, config: NLSRConfig, build: bool, opera
     return with_outcomes(plan, ranks, errors), adapter
 
 
-@register_restorer("nlsr-dense", needs="patch", knob="fraction")
+@register_restorer("nlsr-dense", needs="patch", knob="fraction", prepare=_prepare_rows)
 def restore_dense(inputs: RestoreInputs, config: NLSRConfig, *, build: bool = True) -> tuple[Any, Any]:
     """Activation-aware transplant on the dense update: ``ΔW_t + M⊙(ΔW_e − ΔW_t)`` in the selected modules."""
     return _restore_dense(inputs, config, build, "transplant")
 
 
-@register_restorer("nlsr-addback", needs="patch", knob="strength")
+@register_restorer("nlsr-addback", needs="patch", knob="strength", prepare=_prepare_rows)
 def restore_dense_addback(inputs: RestoreInputs, config: NLSRConfig, *, build: bool = True) -> tuple[Any, Any]:
     """The reference's safety-critical part added back: ``ΔW_t + λ·M⊙ΔW_e`` in the selected modules."""
     return _restore_dense(inputs, config, build, "add")

@@ -6,12 +6,16 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import NLSRConfig
-from ..patch import apply_plan, check_compatible, neuron_counts, similarities
+from ..patch import apply_plan, check_compatible, fill_reference_norms, neuron_counts, similarities
 from ..plan import plan_realignment, realignment_recipe
 from . import RestoreInputs, register_restorer
 
 
-@register_restorer("nlsr", needs="patch", knob="prune_ratio")
+def _prepare(patch: Any, config: NLSRConfig) -> None:
+    fill_reference_norms(patch)  # the reference side of every similarity, once per patch
+
+
+@register_restorer("nlsr", needs="patch", knob="prune_ratio", prepare=_prepare)
 def restore_nlsr(inputs: RestoreInputs, config: NLSRConfig, *, build: bool = True) -> tuple[Any, Any]:
     """NLSR (Yi et al. 2025): transplant the reference's safety-critical LoRA entries into dissimilar modules."""
     patch, target = inputs.patch, inputs.finetuned
