@@ -255,7 +255,9 @@ def part_cost(root: Path, args: argparse.Namespace) -> None:
         log(f"(2) rank {rank}: writing a safety patch and an adapter")
         patch = write_patch(root, rank, args.layers, config)
         spec = write_fleet(root / f"cost-r{rank}", 1, rank, args.layers)[0]
+        start = time.perf_counter()
         shared = prepare_shared(NLSRPatcher.from_pretrained(None, safety_patch=patch, config=config), progress=False)
+        prepared = time.perf_counter() - start
         settings = FleetSettings(output_dir=root / f"cost-out-r{rank}", resume=False)
         target = FleetTarget(index=0, spec=spec, name="adapter")
         copies, durable, costs, written = [], [], [], []
@@ -281,7 +283,8 @@ def part_cost(root: Path, args: argparse.Namespace) -> None:
         print(f"    rank {rank:>3} ({size:,.0f} MiB of adapter files): realign {cost:.2f} s vs copy {copy:.2f} s = "
               f"{cost / copy:.2f}x (target <= 1.5x); vs a durable copy (fsync, as results are written) {synced:.2f} s "
               f"= {cost / synced:.2f}x; vs a durable copy of the result's own files ({out_size:,.0f} MiB, the bytes "
-              f"fleet mode must write) {output:.2f} s = {cost / output:.2f}x; {detail}")
+              f"fleet mode must write) {output:.2f} s = {cost / output:.2f}x; {detail}; once per fleet, not per "
+              f"adapter: loading and preparing the patch {prepared:.1f} s ({torch.get_num_threads()} torch threads)")
 
 
 def main() -> None:
