@@ -285,6 +285,9 @@ def test_row_restorers_form_no_dense_update_per_adapter_once_the_patch_is_prepar
     prepared = _patch(aligned)
     RESTORERS[name].prepare(prepared, config)
     assert sorted(prepared.row_memo) == [(module, 0.75) for module in sorted(aligned.modules)]
+    for module, reference in aligned.modules.items():  # the memo's rows are the dense definition's
+        assert torch.equal(prepared.row_memo[(module, 0.75)][0],
+                           dense_mask(reference, prepared.input_norms[module], 0.75, "row"))
 
     def no_dense(self):
         raise AssertionError("a dense update was formed")
@@ -306,3 +309,17 @@ def test_the_row_memo_is_kept_per_sparsity_ratio(pair):
         want, _ = restore(RestoreInputs(finetuned=finetuned, patch=_patch(aligned)), config)
         assert got.to_json() == want.to_json()
     assert {ratio for _, ratio in shared.row_memo} == {0.75, 0.5}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_row_scores_in_a_reused_buffer_equal_the_dense_definition_bit_for_bit(dtype):
+    from nlsr_hub.restorers.dense import DenseBuffer, row_scores
+
+    generator = torch.Generator().manual_seed(5)
+    buffer = DenseBuffer()
+    for d_out, d_in, rank in ((640, 1792, 16), (96, 64, 4), (1024, 512, 8)):  # grows, shrinks, grows again
+        module = LoraModule(torch.randn(rank, d_in, generator=generator).to(dtype),
+                            torch.randn(d_out, rank, generator=generator).to(dtype), 1.75)
+        norm = torch.rand(d_in, generator=generator)
+        want = (module.delta().abs() * norm.reshape(1, -1)).to(torch.float64).sum(dim=1)
+        assert torch.equal(row_scores(module, norm, buffer), want)

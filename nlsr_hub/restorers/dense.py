@@ -84,13 +84,37 @@ def _trace_inner(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch
     return float(torch.sum((B1.T @ B2) * (A1 @ A2.T)))
 
 
-def row_reference(patch: Any, name: str, sparsity_ratio: float) -> tuple[torch.Tensor, float]:
+class DenseBuffer:
+    """One float32 buffer reused for module after module's dense update: a fresh d_out × d_in tensor costs a page
+    fault per 4 KiB (about as long as computing it, on some machines), and a reused one none."""
+
+    def __init__(self) -> None:
+        self._flat = torch.empty(0, dtype=torch.float32)
+
+    def view(self, rows: int, columns: int) -> torch.Tensor:
+        if self._flat.numel() < rows * columns:
+            self._flat = torch.empty(rows * columns, dtype=torch.float32)
+        return self._flat[: rows * columns].view(rows, columns)
+
+
+def row_scores(reference: LoraModule, input_norm: torch.Tensor, buffer: DenseBuffer | None = None) -> torch.Tensor:
+    """Each output row's summed score ``Σ_j |ΔW_e|_ij·‖x_j‖`` (float64 sums), computed in `buffer` in place: the
+    same values as `update_mask`'s (the same products, each rounded the same way)."""
+    fresh = {"dtype": torch.float32, "memory_format": torch.contiguous_format, "copy": True}
+    delta = (buffer or DenseBuffer()).view(*reference.shape)
+    torch.matmul(reference.B.to(**fresh), reference.A.to(**fresh), out=delta)
+    delta.mul_(reference.scale).abs_().mul_(input_norm.to(torch.float32).reshape(1, -1))
+    return torch.sum(delta, dim=1, dtype=torch.float64)
+
+
+def row_reference(patch: Any, name: str, sparsity_ratio: float, buffer: DenseBuffer | None = None
+                  ) -> tuple[torch.Tensor, float]:
     """The reference's row mask of module `name` (top ``1 − P_SR`` rows of ``|ΔW_e| ⊙ ‖x_j‖``) and the squared norm of
-    its masked update, from `patch.row_memo` or computed once and kept there."""
+    its masked update, from `patch.row_memo` or computed once and kept there (in `buffer`, if given)."""
     key = (name, float(sparsity_ratio))
     if key not in patch.row_memo:
         reference = patch.reference.modules[name]
-        rows = update_mask(reference.delta(), patch.input_norms[name], sparsity_ratio, "row")
+        rows = top_fraction_mask(row_scores(reference, patch.input_norms[name], buffer), 1.0 - sparsity_ratio)
         B, A = _row_factors(reference, rows)
         patch.row_memo[key] = (rows, _trace_inner(B, A, B, A))
     return patch.row_memo[key]
@@ -111,17 +135,18 @@ def row_cosine(reference: LoraModule, finetuned: LoraModule, rows: torch.Tensor,
 def _prepare_rows(patch: Any, config: NLSRConfig) -> None:
     """Every module's row mask and reference-side norm into the patch's memo (row granularity only)."""
     if config.granularity == "row" and patch.input_norms:
+        buffer = DenseBuffer()
         for name in sorted(patch.reference.modules):
-            row_reference(patch, name, config.sparsity_ratio)
+            row_reference(patch, name, config.sparsity_ratio, buffer)
 
 
-def _module_similarity(patch: Any, name: str, finetuned: LoraModule, config: NLSRConfig
+def _module_similarity(patch: Any, name: str, finetuned: LoraModule, config: NLSRConfig, buffer: DenseBuffer
                        ) -> tuple[float, torch.Tensor]:
     """One module's similarity and its mask (rows from the memo, or the element mask of the dense update)."""
     reference = patch.reference.modules[name]
     with naming_module(name):
         if config.granularity == "row":
-            rows, squared = row_reference(patch, name, config.sparsity_ratio)
+            rows, squared = row_reference(patch, name, config.sparsity_ratio, buffer)
             return row_cosine(reference, finetuned, rows, squared), rows
         delta_e = reference.delta()
         mask = update_mask(delta_e, patch.input_norms[name], config.sparsity_ratio, config.granularity)
@@ -158,9 +183,9 @@ def _restore_dense(inputs: RestoreInputs, config: NLSRConfig, build: bool, opera
                          "safety patch has none: build it with an activation scorer (`scorer='low_rank'` or 'wanda').")
     check_compatible_modules(patch.reference, target, granularity="row", restoration="neuron")
     granularity = config.granularity
-    sims, counts, rows = {}, {}, {}
-    for name in sorted(target.modules):  # at most one dense update in memory at a time (element granularity)
-        sims[name], mask = _module_similarity(patch, name, target.modules[name], config)
+    sims, counts, rows, buffer = {}, {}, {}, DenseBuffer()
+    for name in sorted(target.modules):  # at most one dense update in memory at a time
+        sims[name], mask = _module_similarity(patch, name, target.modules[name], config, buffer)
         counts[name] = _mask_counts(mask, patch.reference.modules[name].shape)
         if mask.ndim == 1:  # row masks are d_out bools: kept for the build; element masks are recomputed there
             rows[name] = mask
