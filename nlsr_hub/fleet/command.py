@@ -33,8 +33,9 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ray-address", default=None, help="Address of an existing Ray cluster (with --engine ray); "
                        "its workers need HF_TOKEN of their own, and --output must be a folder every node sees.")
     group.add_argument("--ray-num-cpus", type=float, default=None, metavar="CPUS",
-                       help="CPUs Ray reserves per adapter task (with --engine ray; default 1). A fraction such as 0.5 "
-                       "runs more adapters than cores at once, so one computes while another waits for the disk.")
+                       help="CPUs Ray reserves per adapter task (with --engine ray; default 1). 2 halves how many "
+                       "adapters a node holds in memory at once; a fraction such as 0.5 runs more adapters than cores, "
+                       "for fleets whose tasks mostly wait on the Hub.")
     group.add_argument("--force", action="store_true",
                        help="Realign every adapter, even those whose result already matches the input commit or file "
                        "hash, the safety patch and the config (skipped by default, so a re-run resumes).")

@@ -150,8 +150,9 @@ def realign_fleet(
     Args:
         patcher: an `NLSRPatcher` with a safety patch (``safety_patch=``) or what computes one (base and aligned).
         engine: ``sequential`` (this process) or ``ray`` (one task per adapter; `ray_address` for a cluster).
-        ray_num_cpus: CPUs Ray reserves for each adapter's task (default: `threads`). A fraction runs more tasks than
-            cores at once, so that one adapter's computation fills the time another waits for the disk.
+        ray_num_cpus: CPUs Ray reserves for each adapter's task (default: `threads`). Above 1 it limits how many
+            adapters a node holds in memory at once; a fraction runs more tasks than cores, for tasks that mostly wait
+            (Hub downloads and pushes).
         token: Hub token for this process; Ray workers started here inherit it, other Ray workers use their own.
         threads: torch threads per adapter (1 makes the bytes independent of the engine).
     """
