@@ -53,6 +53,12 @@ def module_type(module_name: str) -> str:
     return module_name.rsplit(".", 1)[-1]
 
 
+def fresh_copy(tensor: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A fresh, contiguous copy in `dtype`. BLAS may round differently by where its inputs sit (a memory map, Ray's
+    object store), so factors are multiplied from such copies, which start where the allocator aligns them."""
+    return tensor.to(dtype, memory_format=torch.contiguous_format, copy=True)
+
+
 @dataclass(frozen=True)
 class LoraModule:
     """One LoRA-adapted linear module: ``delta = scale * B @ A``."""
@@ -85,10 +91,8 @@ class LoraModule:
         return int(self.B.shape[0]), int(self.A.shape[1])
 
     def delta(self) -> torch.Tensor:
-        """The dense weight update in float32. The factors are multiplied as fresh float32 copies, so the result does
-        not depend on where they sit (a memory map, Ray's object store): BLAS may round differently by alignment."""
-        fresh = {"dtype": torch.float32, "memory_format": torch.contiguous_format, "copy": True}
-        return self.scale * (self.B.to(**fresh) @ self.A.to(**fresh))
+        """The dense weight update in float32, multiplied from fresh copies of the factors (`fresh_copy`)."""
+        return self.scale * (fresh_copy(self.B) @ fresh_copy(self.A))
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapters import LoraModule
+from .adapters import LoraModule, fresh_copy
 from .masks import ModuleMask
 
 # dtypes whose every value float32 holds exactly (a round trip through float32 is the identity)
@@ -32,10 +32,11 @@ def as_bytes(mask: torch.Tensor) -> torch.Tensor:
 
 def f32_copy(t: torch.Tensor) -> torch.Tensor:
     """A fresh, contiguous float32 copy: BLAS results must not depend on where a loaded tensor sits."""
-    return t.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    return fresh_copy(t, torch.float32)
 
 
-def _inner(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> float:
+def trace_inner(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> float:
+    """``⟨B1·A1, B2·A2⟩_F = tr((B1ᵀ·B2)·(A2·A1ᵀ))`` in the factors' dtype, forming only r×r products."""
     return float(torch.sum((B1.T @ B2) * (A1 @ A2.T)))
 
 
@@ -80,13 +81,13 @@ def _cosine(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tens
 
 def _terms(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor, squared1: float | None
            ) -> SimilarityTerms:
-    squared1 = _inner(B1, A1, B1, A1) if squared1 is None else squared1
-    return SimilarityTerms(_inner(B1, A1, B2, A2), squared1, _inner(B2, A2, B2, A2))
+    squared1 = trace_inner(B1, A1, B1, A1) if squared1 is None else squared1
+    return SimilarityTerms(trace_inner(B1, A1, B2, A2), squared1, trace_inner(B2, A2, B2, A2))
 
 
 def lowrank_inner(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> float:
     """Frobenius inner product of ``B1 @ A1`` and ``B2 @ A2`` without forming either product (float32)."""
-    return _inner(f32_copy(B1), f32_copy(A1), f32_copy(B2), f32_copy(A2))
+    return trace_inner(f32_copy(B1), f32_copy(A1), f32_copy(B2), f32_copy(A2))
 
 
 def lowrank_cosine(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> float:
@@ -136,7 +137,7 @@ def _masked(module: LoraModule, weights: tuple[torch.Tensor, torch.Tensor | None
 def masked_squared_norm(module: LoraModule, mask: ModuleMask) -> float:
     """``‖(M_B⊙s·B)(M_A⊙A)‖²_F`` in float32 (the reference side of `similarity_terms`)."""
     B, A = masked_factors(module, mask)
-    return _inner(B, A, B, A)
+    return trace_inner(B, A, B, A)
 
 
 def similarity_terms(reference: LoraModule, finetuned: LoraModule, mask: ModuleMask, *,

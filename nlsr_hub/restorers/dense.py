@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 
-from ..adapters import LoraAdapter, LoraModule
+from ..adapters import LoraAdapter, LoraModule, fresh_copy
 from ..config import NLSRConfig
 from ..lowrank import add_dense, combine, row_masked
 from ..masks import top_fraction_mask
 from ..plan import plan_realignment, realignment_recipe, with_outcomes
-from ..similarity import NonFiniteError, SimilarityTerms, naming_module
+from ..similarity import NonFiniteError, SimilarityTerms, naming_module, trace_inner
 from . import RestoreInputs, register_restorer
 
 
@@ -73,15 +73,9 @@ def update_cosine(delta_e: torch.Tensor, delta_t: torch.Tensor, mask: torch.Tens
 
 
 def _row_factors(module: LoraModule, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(M⊙s·B, A)`` in float64 (fresh copies: BLAS results must not depend on where a factor sits)."""
-    fresh = {"dtype": torch.float64, "memory_format": torch.contiguous_format, "copy": True}
-    B = module.B.to(**fresh).mul_(module.scale).mul_(rows.to(torch.float64).reshape(-1, 1))
-    return B, module.A.to(**fresh)
-
-
-def _trace_inner(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> float:
-    """``⟨B1·A1, B2·A2⟩_F = tr((B1ᵀ·B2)·(A2·A1ᵀ))``, forming only r×r products."""
-    return float(torch.sum((B1.T @ B2) * (A1 @ A2.T)))
+    """``(M⊙s·B, A)`` as fresh float64 copies."""
+    B = fresh_copy(module.B, torch.float64).mul_(module.scale).mul_(rows.to(torch.float64).reshape(-1, 1))
+    return B, fresh_copy(module.A, torch.float64)
 
 
 class DenseBuffer:
@@ -100,9 +94,8 @@ class DenseBuffer:
 def row_scores(reference: LoraModule, input_norm: torch.Tensor, buffer: DenseBuffer | None = None) -> torch.Tensor:
     """Each output row's summed score ``Σ_j |ΔW_e|_ij·‖x_j‖`` (float64 sums), computed in `buffer` in place: the
     same values as `update_mask`'s (the same products, each rounded the same way)."""
-    fresh = {"dtype": torch.float32, "memory_format": torch.contiguous_format, "copy": True}
     delta = (buffer or DenseBuffer()).view(*reference.shape)
-    torch.matmul(reference.B.to(**fresh), reference.A.to(**fresh), out=delta)
+    torch.matmul(fresh_copy(reference.B), fresh_copy(reference.A), out=delta)
     delta.mul_(reference.scale).abs_().mul_(input_norm.to(torch.float32).reshape(1, -1))
     return torch.sum(delta, dim=1, dtype=torch.float64)
 
@@ -116,7 +109,7 @@ def row_reference(patch: Any, name: str, sparsity_ratio: float, buffer: DenseBuf
         reference = patch.reference.modules[name]
         rows = top_fraction_mask(row_scores(reference, patch.input_norms[name], buffer), 1.0 - sparsity_ratio)
         B, A = _row_factors(reference, rows)
-        patch.row_memo[key] = (rows, _trace_inner(B, A, B, A))
+        patch.row_memo[key] = (rows, trace_inner(B, A, B, A))
     return patch.row_memo[key]
 
 
@@ -127,8 +120,8 @@ def row_cosine(reference: LoraModule, finetuned: LoraModule, rows: torch.Tensor,
     B_t, A_t = _row_factors(finetuned, rows)
     B_e, A_e = _row_factors(reference, rows)
     if reference_squared is None:
-        reference_squared = _trace_inner(B_e, A_e, B_e, A_e)
-    terms = SimilarityTerms(_trace_inner(B_e, A_e, B_t, A_t), reference_squared, _trace_inner(B_t, A_t, B_t, A_t))
+        reference_squared = trace_inner(B_e, A_e, B_e, A_e)
+    terms = SimilarityTerms(trace_inner(B_e, A_e, B_t, A_t), reference_squared, trace_inner(B_t, A_t, B_t, A_t))
     return terms.cosine
 
 
