@@ -140,8 +140,8 @@ def same_results(left: Path, right: Path) -> bool:
     return tree(left) == tree(right)
 
 
-def _runners(patch: Path, specs: list[str], root: Path, config: NLSRConfig, cores: int,
-             fractions: list[float]) -> dict[str, Callable[[Path], float]]:
+def _runners(patch: Path, specs: list[str], config: NLSRConfig, cores: int, fractions: list[float]
+             ) -> dict[str, Callable[[Path], float]]:
     """The timed fleets of one round, by label: sequential, Ray at one CPU per task and at each fraction, the pool."""
     runners: dict[str, Callable[[Path], float]] = {
         "sequential": lambda out: timed_fleet(patch, specs, out, "sequential", config),
@@ -165,7 +165,7 @@ def part_throughput(root: Path, args: argparse.Namespace) -> None:
     start = time.perf_counter()
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
     startup = time.perf_counter() - start
-    runners = _runners(patch, specs, root, config, cores, args.ray_fractions)
+    runners = _runners(patch, specs, config, cores, args.ray_fractions)
     try:
         start = time.perf_counter()
         most = max([1.0] + [1 / f for f in args.ray_fractions])

@@ -41,6 +41,8 @@ DEFAULT_TOLERANCE = 0.05  # nats per response token of the user's task rows
 DEFAULT_PROBES = 64  # probe prompts drawn from the calibration data when none are given
 PROBE_TOKENS = 32
 UTILITY_MAX_LENGTH = 512  # tokens of a task row (prompt and response) kept for its NLL
+NO_PROBES = "No probe prompts: pass harmful prompts (or calibration data) to measure non-refusal on."
+NO_CANDIDATES = "No candidate to choose from; pass at least one restorer configuration."
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,7 @@ def candidate_configs(base: NLSRConfig, candidates: Mapping[str, Mapping[str, An
     """Label -> (changes, config) of every candidate (default `CANDIDATES`), each config built and checked now."""
     candidates = CANDIDATES if candidates is None else candidates
     if not candidates:
-        raise ValueError("No candidate to choose from; pass at least one restorer configuration.")
+        raise ValueError(NO_CANDIDATES)
     return {label: (dict(changes), candidate_config(base, changes)) for label, changes in candidates.items()}
 
 
@@ -129,7 +131,7 @@ def probe_prompts(probes: Sequence[str] | None, calibration: Any, *, limit: int 
     prompts = list(probes) if probes is not None else [
         pair.prompt for pair in load_calibration(calibration, limit=limit)][:DEFAULT_PROBES]
     if not prompts:
-        raise ValueError("No probe prompts: pass harmful prompts (or calibration data) to measure non-refusal on.")
+        raise ValueError(NO_PROBES)
     return prompts
 
 
@@ -141,7 +143,7 @@ def pick(finetuned: Measurement, candidates: Sequence[Measurement], tolerance: f
     eligible when no utility rows were measured); the eligible one with the lowest non-refusal rate wins, a tie going
     to the earlier candidate. When none is eligible, the one whose NLL rose least wins."""
     if not candidates:
-        raise ValueError("No candidate to choose from; pass at least one restorer configuration.")
+        raise ValueError(NO_CANDIDATES)
     tolerance = check_tolerance(tolerance)
 
     def rise(m: Measurement) -> float:
@@ -195,7 +197,7 @@ def measure(model: Any, tokenizer: Any, adapter: LoraAdapter, probes: Sequence[s
     from .modeling import attached_adapter
 
     if not probes:
-        raise ValueError("No probe prompts: pass harmful prompts (or calibration data) to measure non-refusal on.")
+        raise ValueError(NO_PROBES)
     started = time.perf_counter()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with attached_adapter(model, adapter) as peft_model:
