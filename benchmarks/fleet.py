@@ -33,6 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,6 +45,7 @@ from nlsr_hub.adapters import LLAMA_TARGETS, LoraAdapter, LoraModule
 from nlsr_hub.fleet import FleetSettings, realign_fleet
 from nlsr_hub.fleet.driver import prepare_shared
 from nlsr_hub.fleet.engines import torch_threads
+from nlsr_hub.fleet.payload import ZeroCopy
 from nlsr_hub.fleet.work import FleetShared, FleetTarget, files_sha256, realign_one
 from nlsr_hub.safety_patch import build_safety_patch
 
@@ -153,6 +155,33 @@ def _runners(patch: Path, specs: list[str], config: NLSRConfig, cores: int, frac
     return runners
 
 
+def _fetch_seconds(refs: list[object]) -> float:
+    """(A Ray task) seconds for this worker to fetch the object `refs[0]` from the object store."""
+    import ray
+
+    start = time.perf_counter()
+    ray.get(refs[0])
+    return time.perf_counter() - start
+
+
+def time_shipping(ray: Any, shared: FleetShared, repeats: int = 3) -> dict[str, tuple[float, float]]:
+    """Seconds to put the fleet's shared object in Ray's object store and for a (warm) worker to fetch it, pickled as
+    it is (torch's own tensor pickling) and as fleet mode ships it (`ZeroCopy`), alternately: label -> medians of
+    (put, fetch) over `repeats`."""
+    fetch = ray.remote(_fetch_seconds)
+    values = {"torch pickling": shared, "zero-copy buffers (fleet mode)": ZeroCopy(shared)}
+    seconds: dict[str, list[tuple[float, float]]] = {label: [] for label in values}
+    for _ in range(repeats):
+        for label, value in values.items():
+            start = time.perf_counter()
+            ref = ray.put(value)
+            put = time.perf_counter() - start
+            seconds[label].append((put, ray.get(fetch.remote([ref]))))
+            del ref
+    return {label: (statistics.median(p for p, _ in runs), statistics.median(f for _, f in runs))
+            for label, runs in seconds.items()}
+
+
 def part_throughput(root: Path, args: argparse.Namespace) -> None:
     import ray
 
@@ -171,6 +200,8 @@ def part_throughput(root: Path, args: argparse.Namespace) -> None:
         most = max([1.0] + [1 / f for f in args.ray_fractions])
         timed_fleet(patch, specs[:int(cores * most)], root / "warm-ray", "ray", config, ray_num_cpus=1 / most)
         warm = time.perf_counter() - start
+        shipping = time_shipping(ray, prepare_shared(NLSRPatcher.from_pretrained(None, safety_patch=patch,
+                                                                                 config=config), progress=False))
         seconds: dict[str, list[float]] = {label: [] for label in runners}
         same: dict[str, bool] = {}
         for round_ in range(args.rounds):  # side by side: each round runs every engine once, in a rotated order
@@ -186,6 +217,9 @@ def part_throughput(root: Path, args: argparse.Namespace) -> None:
     finally:
         ray.shutdown()
     report_throughput(args, config, cores, seconds, same, startup=startup, warm=warm)
+    for label, (put, fetch) in shipping.items():
+        print(f"    the fleet's patch through Ray's object store, {label}: ray.put {put:.2f} s, a warm worker's "
+              f"fetch {fetch:.2f} s (medians of 3, alternating)")
 
 
 def report_throughput(args: argparse.Namespace, config: NLSRConfig, cores: int, seconds: dict[str, list[float]],
