@@ -323,3 +323,18 @@ def test_row_scores_in_a_reused_buffer_equal_the_dense_definition_bit_for_bit(dt
         norm = torch.rand(d_in, generator=generator)
         want = (module.delta().abs() * norm.reshape(1, -1)).to(torch.float64).sum(dim=1)
         assert torch.equal(row_scores(module, norm, buffer), want)
+
+
+@pytest.mark.parametrize("block", [1, 3 * 64, 7 * 64 + 5, 1 << 19])
+def test_row_scores_block_by_block_equal_the_dense_definition_bit_for_bit(monkeypatch, block):
+    """Blocks of one row, of several rows, of uneven rows, one block; rows long enough to be summed by two threads."""
+    from nlsr_hub.restorers import dense
+
+    monkeypatch.setattr(dense, "_BLOCK_ELEMENTS", block)
+    generator = torch.Generator().manual_seed(11)
+    for d_out, d_in, rank in ((300, 64, 16), (37, 96, 8), (1, 64, 3), (5, 70_000, 4)):
+        module = LoraModule(torch.randn(rank, d_in, generator=generator), torch.randn(d_out, rank, generator=generator),
+                            0.5)
+        norm = torch.rand(d_in, generator=generator)
+        want = (module.delta().abs() * norm.reshape(1, -1)).to(torch.float64).sum(dim=1)
+        assert torch.equal(dense.row_scores(module, norm), want)
