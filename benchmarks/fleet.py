@@ -9,7 +9,8 @@
 
 The restorer is the paper's NLSR engine (`--preset paper`, the default here: low-rank throughout, so an adapter costs
 its I/O, similarity, plan and patch); `--preset default` measures the project's default restorer, nlsr-addback,
-which builds each module's dense d_out x d_in update and costs far more per adapter.
+at row granularity: its row masks come from the reference's dense update, once per fleet (the printed preparation),
+and an adapter's similarity is taken on the factors.
 
 Adapters and safety patches are random (bf16, written as stock PEFT folders; the patch's masks come from the `random`
 scorer at the default config's granularity), so nothing is downloaded. Ray's start-up and a warm-up fleet (one task
