@@ -2,7 +2,8 @@
 
 (1) adapters per minute of `nlsr realign` fleet mode, sequential vs Ray on this machine's cores (target: Ray >= 1.7x
     on 2 cores), over a fleet of Llama-3-8B-shaped adapters (224 modules, rank 16 by default), same bytes checked,
-    next to a plain forked process pool on the same fleet (a reference for what the cores allow, not an engine);
+    next to a plain forked process pool on the same fleet (a reference for what the cores allow, not an engine),
+    and where parallel adapters lose time: each phase's mean on a pool of one process and of all cores;
 (2) the per-adapter cost of fleet mode for Llama-3-8B-shaped adapters at rank 16 and 128 (resolve, hash, load,
     realign, save to a new folder: one `realign_one` call, as the engines run it) against the time to copy the same
     adapter files to a new folder (target <= 1.5x), with where the time goes.
@@ -116,6 +117,33 @@ def _pool_one(job: tuple[int, str, str]) -> None:
         raise RuntimeError(row["error"])
 
 
+def _pool_breakdown(job: tuple[int, str, str]) -> dict[str, float]:
+    index, spec, out = job
+    torch.set_num_threads(1)
+    return breakdown(_POOL_SHARED["shared"], spec, Path(out) / f"{index:03d}")
+
+
+def contention(patch: Path, specs: list[str], out: Path, config: NLSRConfig, cores: int) -> dict[int, dict[str, float]]:
+    """Where parallel adapters lose time: the fleet's phases (hash, load, realign, save; means per adapter) on forked
+    pools of one process and of `cores` processes, each after a warm-up, with the disk idle before each."""
+    import multiprocessing
+
+    _POOL_SHARED["shared"] = prepare_shared(NLSRPatcher.from_pretrained(None, safety_patch=patch, config=config),
+                                            progress=False)
+    phases = {}
+    for workers in sorted({1, cores}):
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            pool.map(_pool_breakdown, [(i, spec, str(out / "warm")) for i, spec in enumerate(specs[:workers])])
+            os.sync()
+            times = pool.map(_pool_breakdown, [(i, spec, str(out / str(workers))) for i, spec in enumerate(specs)],
+                             chunksize=1)
+            pool.close()
+            pool.join()
+        phases[workers] = {key: statistics.mean(t[key] for t in times) for key in times[0]}
+        shutil.rmtree(out)
+    return phases
+
+
 def timed_pool(patch: Path, specs: list[str], out: Path, config: NLSRConfig, workers: int) -> float:
     """Seconds for the same fleet on a plain `multiprocessing` pool of `workers` forked processes that inherit the
     prepared shared object: what this machine's cores allow without any engine's overhead (a reference, not an
@@ -209,6 +237,7 @@ def part_throughput(root: Path, args: argparse.Namespace) -> None:
             labels = list(runners)[round_ % len(runners):] + list(runners)[:round_ % len(runners)]
             outs = {label: root / f"out-{round_}-{i}" for i, label in enumerate(runners)}
             for label in labels:
+                os.sync()  # each line starts with the disk idle: no writeback, or discards of deleted outputs, pending
                 seconds[label].append(runners[label](outs[label]))
                 log(f"(1) round {round_ + 1}: {label} {seconds[label][-1]:.1f} s")
             if round_ == 0:
@@ -217,10 +246,16 @@ def part_throughput(root: Path, args: argparse.Namespace) -> None:
                 shutil.rmtree(out)
     finally:
         ray.shutdown()
+    log("(1) where parallel adapters lose time: each phase on one process, then on all cores")
+    phases = contention(patch, specs, root / "phases", config, cores)
     report_throughput(args, config, cores, seconds, same, startup=startup, warm=warm)
     for label, (put, fetch) in shipping.items():
         print(f"    the fleet's patch through Ray's object store, {label}: ray.put {put:.2f} s, a warm worker's "
               f"fetch {fetch:.2f} s (medians of 3, alternating)")
+    for workers, times in phases.items():
+        detail = ", ".join(f"{key} {value:.3f} s" for key, value in times.items())
+        print(f"    per adapter on a forked pool of {workers} process{'es' if workers > 1 else ''} (means, after a "
+              f"warm-up): {detail}")
 
 
 def report_throughput(args: argparse.Namespace, config: NLSRConfig, cores: int, seconds: dict[str, list[float]],
