@@ -236,14 +236,17 @@ def part_throughput(root: Path, args: argparse.Namespace) -> None:
         for round_ in range(args.rounds):  # side by side: each round runs every engine once, in a rotated order
             labels = list(runners)[round_ % len(runners):] + list(runners)[:round_ % len(runners)]
             outs = {label: root / f"out-{round_}-{i}" for i, label in enumerate(runners)}
+            # round 1 runs sequential first: each other line is checked against it, then deleted (at most two
+            # fleets' results on disk); every line starts with the disk idle (no writeback or discards pending)
             for label in labels:
-                os.sync()  # each line starts with the disk idle: no writeback, or discards of deleted outputs, pending
+                os.sync()
                 seconds[label].append(runners[label](outs[label]))
                 log(f"(1) round {round_ + 1}: {label} {seconds[label][-1]:.1f} s")
-            if round_ == 0:
-                same = {label: same_results(outs["sequential"], out) for label, out in outs.items()}
-            for out in outs.values():
-                shutil.rmtree(out)
+                if label != "sequential":
+                    if round_ == 0:
+                        same[label] = same_results(outs["sequential"], outs[label])
+                    shutil.rmtree(outs[label])
+            shutil.rmtree(outs["sequential"])
     finally:
         ray.shutdown()
     log("(1) where parallel adapters lose time: each phase on one process, then on all cores")
