@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
                         "priority order; the rest are listed as not run): N, or per pair as sft=11,dpo=7")
     parser.add_argument("--first", default="", help="point labels to run first, before the preset order (a "
                         "';' list, e.g. 'addback strength=1;reference (EXPO)'); with --max-points it picks the points")
+    parser.add_argument("--recheck-realign", action="store_true", help="realign every cached point again with "
+                        "this code and compare the weights byte for byte: the same bytes keep the cached realignment "
+                        "and its evaluation; other bytes replace it, and the point is evaluated again")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.threads > 0:
@@ -65,11 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     with stage_log(args.out / "restorers.log"):
         try:
             results = run_head_to_head(settings, out=args.out, data=args.data, cache=args.cache,
-                                       progress=not args.no_progress, command=command.strip(), on_point=show)
+                                       progress=not args.no_progress, command=command.strip(), on_point=show,
+                                       recheck=("realign",) if args.recheck_realign else ())
         except DataMissing as err:
             print(f"benchmark data missing: {err}", file=sys.stderr)
             return 2
     print(json.dumps(results["bar"], indent=1))
+    for folder, outcome in sorted(results.get("rechecked", {}).items()):
+        print(f"rechecked {folder}: {outcome}")
     print(f"results written to {args.out}")
     return 0
 

@@ -237,6 +237,47 @@ def test_stages_skip_finished_and_redo_partial(tmp_path):
     assert len(calls) == 3
 
 
+def test_a_stage_runs_again_when_its_inputs_bytes_change_and_adopts_a_marker_without_them(tmp_path):
+    stages, calls = Stages(tmp_path / "stages"), []
+    weights = tmp_path / "adapter_model.safetensors"
+    weights.write_bytes(b"one")
+    stages.run("eval", {"m": 1}, lambda d: calls.append(1))  # made before inputs were recorded: no hashes
+    stages.run("eval", {"m": 1}, lambda d: calls.append(2), inputs={"weights": weights})
+    assert calls == [1]  # kept, and its input's hash recorded now
+    marker = json.loads((stages.folder("eval", {"m": 1}) / "done.json").read_text())
+    assert set(marker["inputs_sha256"]) == {"weights"}
+    stages.run("eval", {"m": 1}, lambda d: calls.append(3), inputs={"weights": weights})
+    assert calls == [1]
+    weights.write_bytes(b"two")  # the same key, other bytes (a realignment made again, differently)
+    stages.run("eval", {"m": 1}, lambda d: calls.append(4), inputs={"weights": weights})
+    assert calls == [1, 4]
+    stages.run("eval", {"m": 1}, lambda d: calls.append(5), inputs={"weights": weights})
+    assert calls == [1, 4]
+
+
+def _writer(payload: bytes):
+    def run(folder):
+        (folder / "sub").mkdir()
+        (folder / "sub" / "adapter_model.safetensors").write_bytes(payload)
+        (folder / "summary.json").write_text(str(len(payload)))
+    return run
+
+
+def test_recheck_keeps_a_stage_with_the_same_weights_and_replaces_one_with_other_weights(tmp_path):
+    Stages(tmp_path).run("realign-sft-x", {"k": 1}, _writer(b"old"))
+    Stages(tmp_path).run("realign-sft-y", {"k": 1}, _writer(b"same"))
+    Stages(tmp_path).run("eval", {"k": 1}, _writer(b"e"))
+    stages = Stages(tmp_path, recheck=("realign",))
+    x = stages.run("realign-sft-x", {"k": 1}, _writer(b"new"))
+    y = stages.run("realign-sft-y", {"k": 1}, _writer(b"same"))
+    stages.run("eval", {"k": 1}, _writer(b"never"))  # not a rechecked stage: stays cached
+    assert stages.rechecked == {x.name: "replaced", y.name: "same"}
+    assert (x / "sub" / "adapter_model.safetensors").read_bytes() == b"new"
+    assert (y / "sub" / "adapter_model.safetensors").read_bytes() == b"same"
+    assert (stages.folder("eval", {"k": 1}) / "sub" / "adapter_model.safetensors").read_bytes() == b"e"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([x.name, y.name, stages.folder("eval", {"k": 1}).name])
+
+
 def test_grid_tiny_end_to_end_and_cached(fake_data, tmp_path):
     kwargs = {"data": fake_data, "cache": tmp_path / "cache", "harmless_source": fake_data / "nq.jsonl",
               "calibration_source": fake_data / "many_shot.json", "progress": False}
@@ -270,6 +311,12 @@ def test_grid_tiny_end_to_end_and_cached(fake_data, tmp_path):
     assert results["bar"]["sft"] is not None and "beats_safelora" in results["bar"]["sft"]
     # nothing under the output folder is a weight file
     assert not list((tmp_path / "out").rglob("*.safetensors"))
+    # every evaluation of an adapter recorded the bytes it evaluated (a realignment made again is evaluated again)
+    markers = [json.loads(d.read_text()) for d in (tmp_path / "cache" / "experiments").glob("eval-*/done.json")]
+    adapters = [json.loads(json.dumps(m.key, default=str)) for m in results["models"].values() if m.adapter]
+    with_adapter = [m for m in markers if m["key"]["model"] in adapters]
+    assert len(with_adapter) == len(markers) - 1 and all(set(m["inputs_sha256"]) == {"adapter adapter_config.json",
+                                                            "adapter adapter_model.safetensors"} for m in with_adapter)
 
     again = run_grid(TINY, out=tmp_path / "out2", **kwargs)
     assert again["stage_seconds"] == {}  # every stage came from the cache

@@ -4,6 +4,13 @@ Every stage writes its output into ``<cache>/experiments/<stage>-<hash>/`` with 
 the stage's key (its settings and its inputs' keys); a re-run skips stages whose key is unchanged, so an
 interrupted run resumes, and runs that share settings share their stages. Nothing outside ``experiments/`` reads
 this layout: it goes through the front doors (`nlsr_hub.experiments`).
+
+Settings are not code: a stage made by older code stays cached. Two guards keep results true to what they name:
+- a stage can name input files (`run(..., inputs=)`): their sha256 goes into its marker, and a cached stage whose
+  inputs' bytes changed runs again (an evaluation of an adapter that was made again, differently);
+- stages whose names start with a prefix in `recheck` are run again into a scratch folder even when cached, and
+  their weights (``*.safetensors``) compared byte for byte: the same bytes keep the cached stage, other bytes replace
+  it (and the stages that read those weights then run again, by the first guard). `rechecked` says which did what.
 """
 
 from __future__ import annotations
@@ -41,13 +48,29 @@ def load_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-class Stages:
-    """Disk cache of stages: ``run(name, key, fn)`` calls ``fn(folder)`` unless the folder is already done."""
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes (streamed)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
-    def __init__(self, root: Path) -> None:
+
+def _weights(folder: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every ``*.safetensors`` under `folder`."""
+    return {str(p.relative_to(folder)): file_sha256(p) for p in sorted(folder.rglob("*.safetensors"))}
+
+
+class Stages:
+    """Disk cache of stages: ``run(name, key, fn)`` calls ``fn(folder)`` unless the folder is already done.
+
+    `recheck`: name prefixes of stages to run again even when cached, keeping the cached folder when its weights come
+    out byte-identical and replacing it otherwise (see the module's docstring)."""
+
+    def __init__(self, root: Path, recheck: tuple[str, ...] = ()) -> None:
         self.root = root
+        self.recheck = tuple(recheck)
         self.timings: dict[str, float] = {}
         self.skipped: list[str] = []
+        self.rechecked: dict[str, str] = {}  # stage folder name -> "same" or "replaced"
         self._used: dict[Path, float] = {}  # every stage folder used, with the seconds it took when it ran
 
     def folder(self, name: str, key: Any) -> Path:
@@ -57,28 +80,74 @@ class Stages:
         """Whether the stage `name` with `key` has already run."""
         return (self.folder(name, key) / "done.json").is_file()
 
-    def run(self, name: str, key: Any, fn: Callable[[Path], None]) -> Path:
+    def run(self, name: str, key: Any, fn: Callable[[Path], None], *, inputs: dict[str, Path] | None = None
+            ) -> Path:
+        """The stage's folder, after running ``fn(folder)`` unless it is done with the same key and input bytes.
+
+        `inputs`: files the stage reads, by label; their sha256 is kept in the marker. A done stage whose marker
+        has none (made before inputs were recorded) is kept and its inputs' hashes are recorded now."""
         path = self.folder(name, key)
-        marker = path / "done.json"
-        if marker.is_file():
+        hashes = {label: file_sha256(file) for label, file in sorted((inputs or {}).items())}
+        if (path / "done.json").is_file() and self._still_valid(name, path, hashes):
+            if self.recheck and name.startswith(self.recheck):
+                self._recheck(name, key, fn, path, hashes)
             self.skipped.append(name)
             self._used[path] = self.seconds(path)
             logger.info("stage %s: cached (%s)", name, path)
             return path
         partial = path.with_name(path.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        logger.info("stage %s: running -> %s", name, path)
-        started = time.perf_counter()
-        fn(partial)
-        seconds = round(time.perf_counter() - started, 1)
-        atomic_write_text(partial / "done.json", json.dumps({"key": key, "seconds": seconds}, default=str) + "\n")
+        seconds = self._run_into(name, key, fn, partial, hashes)
         shutil.rmtree(path, ignore_errors=True)
         partial.rename(path)
         self.timings[name] = round(self.timings.get(name, 0.0) + seconds, 1)
         self._used[path] = seconds
         logger.info("stage %s: done in %.1f s", name, seconds)
         return path
+
+    def _run_into(self, name: str, key: Any, fn: Callable[[Path], None], folder: Path, hashes: dict[str, str]
+                  ) -> float:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        logger.info("stage %s: running -> %s", name, folder)
+        started = time.perf_counter()
+        fn(folder)
+        seconds = round(time.perf_counter() - started, 1)
+        marker = {"key": key, "seconds": seconds, **({"inputs_sha256": hashes} if hashes else {})}
+        atomic_write_text(folder / "done.json", json.dumps(marker, default=str) + "\n")
+        return seconds
+
+    def _still_valid(self, name: str, path: Path, hashes: dict[str, str]) -> bool:
+        """Whether a done stage read the same input bytes (recording them for a stage that predates the record)."""
+        if not hashes:
+            return True
+        marker = load_json(path / "done.json")
+        recorded = marker.get("inputs_sha256")
+        if recorded is None:
+            dump_json(path / "done.json", {**marker, "inputs_sha256": hashes})
+            return True
+        if recorded != hashes:
+            changed = sorted(label for label in hashes if recorded.get(label) != hashes[label])
+            logger.warning("stage %s: its inputs changed (%s): running it again", name, ", ".join(changed))
+            return False
+        return True
+
+    def _recheck(self, name: str, key: Any, fn: Callable[[Path], None], path: Path, hashes: dict[str, str]
+                 ) -> None:
+        """Run a done stage again into a scratch folder; keep the cached one when the weights are the same bytes."""
+        scratch = path.with_name(path.name + ".recheck")
+        self._run_into(name, key, fn, scratch, hashes)
+        before, after = _weights(path), _weights(scratch)
+        if before == after:
+            shutil.rmtree(scratch)
+            self.rechecked[path.name] = "same"
+            logger.info("stage %s: rechecked, the same weights (%d files)", name, len(after))
+            return
+        changed = sorted(f for f in set(before) | set(after) if before.get(f) != after.get(f))
+        logger.warning("stage %s: rechecked, other weights (%s): the cached stage is replaced, and the stages that "
+                       "read it run again", name, ", ".join(changed))
+        shutil.rmtree(path)
+        scratch.rename(path)
+        self.rechecked[path.name] = "replaced"
 
     @property
     def compute_seconds(self) -> float:
@@ -89,4 +158,4 @@ class Stages:
         return load_json(path / "done.json")["seconds"]
 
 
-__all__ = ["Stages", "cache_root", "dump_json", "load_json", "stage_hash"]
+__all__ = ["Stages", "cache_root", "dump_json", "file_sha256", "load_json", "stage_hash"]

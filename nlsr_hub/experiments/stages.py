@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..adapters import load_adapter, save_adapter
+from ..adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
 from ..config import NLSRConfig
 from ..evaluation.tasks import TaskExample, load_task_examples
 from ..reference import build_reference
@@ -343,7 +343,11 @@ def evaluate(ctx: Context, data: ExperimentData, model: Model, task_names: Seque
                                 progress=ctx.progress)
         dump_json(folder / "eval.json", result)
 
-    folder = ctx.stages.run("eval", key, run)
+    # the adapter's bytes, not only its key: a realignment made again, with other weights, is evaluated again
+    files = {} if model.adapter is None else {
+        f"adapter {name}": Path(model.adapter) / name for name in (CONFIG_NAME, WEIGHTS_NAME)
+        if (Path(model.adapter) / name).is_file()}
+    folder = ctx.stages.run("eval", key, run, inputs=files)
     result = load_json(folder / "eval.json")
     return {"hs": result["hs_all"], **{f"hs_{k}": v for k, v in result["hs"].items()},
             "over_refusal": result.get("over_refusal"), **{f"fa_{k}": v for k, v in result["fa"].items()},
