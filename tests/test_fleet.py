@@ -183,6 +183,8 @@ def test_fleet_of_tiny_adapters_gives_the_same_bytes_on_both_engines(fleet, ray_
         n: [r[k] for k in ROW_KEYS] for n, r in ray_rows.items()}
 
     sequential_tree = results_tree(tmp_path / "seq")
+    # the Ray run's visibility marker is gone: both folders hold the same names
+    assert sorted(p.name for p in (tmp_path / "ray").iterdir()) == sorted(p.name for p in (tmp_path / "seq").iterdir())
     assert {Path(p).parts[0] for p in sequential_tree} == set(GOOD)  # no folder for a failed adapter
     assert {Path(p).name for p in sequential_tree} == RESULT_FILES
     assert sequential_tree == results_tree(tmp_path / "ray")
@@ -198,6 +200,37 @@ def test_fleet_of_tiny_adapters_gives_the_same_bytes_on_both_engines(fleet, ray_
     table = (tmp_path / "seq" / "summary.md").read_text()
     assert sum(line.startswith("| `") for line in table.splitlines()) == 9
     assert "(4 realigned, 0 up to date, 5 failed)" in table
+
+
+def test_a_ray_worker_that_does_not_see_the_output_folder_reports_it_in_the_row(tmp_path):
+    from nlsr_hub.fleet.engines import _ray_task, unseen_output, visibility_marker
+    from nlsr_hub.fleet.work import FleetSettings, FleetTarget
+
+    settings = FleetSettings(output_dir=tmp_path / "out")
+    with visibility_marker(settings) as marker:
+        name, token = marker
+        assert (tmp_path / "out" / name).read_text() == token and name.startswith(".nlsr-fleet-")
+        assert unseen_output(settings, marker) is None  # the driver's own node sees it
+        elsewhere = FleetSettings(output_dir=tmp_path / "node-local")  # what another node's worker would see
+        row = _ray_task(FleetTarget(0, "some/adapter", "adapter"), [None], elsewhere, 1, marker)
+        assert row["status"] == "failed" and "every node sees" in row["error"] and "--push-to-hub" in row["error"]
+        (tmp_path / "out" / name).write_text("another fleet")
+        assert "not the driver's" in unseen_output(settings, marker)
+    assert not list((tmp_path / "out").iterdir())  # removed at the end
+    for nothing_local in (FleetSettings(), FleetSettings(output_dir=tmp_path / "dry", dry_run=True)):
+        with visibility_marker(nothing_local) as marker:
+            assert marker is None and unseen_output(nothing_local, None) is None
+    assert not (tmp_path / "dry").exists()
+
+
+def test_a_killed_ray_fleets_visibility_marker_is_no_reason_to_refuse_the_folder(fleet, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".nlsr-fleet-0123456789abcdef").write_text("0123456789abcdef")
+    (out / "..nlsr-fleet-0123456789abcdef.x1y2.tmp").write_text("")
+    rc, _, err = cli(capsys, "realign", "--safety-patch", fleet.patch, "--finetuned-glob", f"{fleet.adapters}/ft*",
+                     "--output", out)
+    assert rc == 0, err
 
 
 # ------------------------------------------------------------------------------------ 2. resume

@@ -30,8 +30,10 @@ from .work import (
     patch_sha256,
 )
 
-# what an earlier run may have left in the output folder: staging folders and locks of a killed save, temp files
-_LEFTOVER = re.compile(r"^\.(.+)\.nlsr-([0-9a-f]{8}\.(partial|old)|lock)$|^\.summary\.(json|md)\..+\.tmp$")
+# what an earlier run may have left in the output folder: staging folders and locks of a killed save, temp files,
+# a killed Ray fleet's visibility marker (`engines.visibility_marker`)
+_LEFTOVER = re.compile(r"^\.(.+)\.nlsr-([0-9a-f]{8}\.(partial|old)|lock)$|^\.summary\.(json|md)\..+\.tmp$"
+                       r"|^\.?\.nlsr-fleet-[0-9a-f]{16}(\..+\.tmp)?$")
 
 
 @dataclass(frozen=True)

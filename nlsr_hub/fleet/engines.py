@@ -8,11 +8,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
+import socket
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..io import atomic_write_text
 from .payload import ZeroCopy
 from .work import FAILED, FleetSettings, FleetShared, FleetTarget, error_text, make_row, realign_one
 
@@ -44,11 +48,52 @@ def run_sequential(targets: Sequence[FleetTarget], shared: FleetShared, settings
             on_row(realign_one(target, shared, settings, token=token))
 
 
-def _ray_task(target: FleetTarget, shared_ref: list[Any], settings: FleetSettings, threads: int) -> dict[str, Any]:
+VISIBILITY_PREFIX = ".nlsr-fleet-"  # + 16 hex digits: the file by which a Ray worker knows it sees the output folder
+
+
+@contextlib.contextmanager
+def visibility_marker(settings: FleetSettings) -> Iterator[tuple[str, str] | None]:
+    """While a Ray fleet runs, a file in the output folder holding a random token: a task on a node that does not
+    see the driver's folder (a cluster without a shared file system) finds no such file and reports it, instead of
+    writing its result where nobody looks. ``(file name, token)``, or None when nothing is written locally."""
+    if settings.output_dir is None or settings.dry_run:
+        yield None
+        return
+    token = secrets.token_hex(8)
+    path = Path(settings.output_dir) / f"{VISIBILITY_PREFIX}{token}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, token)
+    try:
+        yield path.name, token
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def unseen_output(settings: FleetSettings, marker: tuple[str, str] | None) -> str | None:
+    """The error of a worker that does not see the driver's output folder (`visibility_marker`), else None."""
+    if marker is None:
+        return None
+    try:
+        seen = (Path(settings.output_dir) / marker[0]).read_text(encoding="utf-8") == marker[1]
+    except OSError:
+        seen = False
+    if seen:
+        return None
+    return (f"the output folder {settings.output_dir} is not the driver's on this Ray node ({socket.gethostname()}): "
+            "on a cluster, --output must be a folder every node sees (a shared file system), or push the results "
+            "with --push-to-hub")
+
+
+def _ray_task(target: FleetTarget, shared_ref: list[Any], settings: FleetSettings, threads: int,
+              marker: tuple[str, str] | None = None) -> dict[str, Any]:
     """The body of a Ray task. The shared object arrives as a reference inside a list, so that Ray does not fetch and
-    deserialise it for every task: each worker process fetches it once and keeps it for the rest of the fleet."""
+    deserialise it for every task: each worker process fetches it once and keeps it for the rest of the fleet. A
+    worker that does not see the output folder reports it in the adapter's row (`unseen_output`)."""
     import ray
 
+    problem = unseen_output(settings, marker)
+    if problem is not None:
+        return make_row(target, settings, FAILED, error=problem)
     key = shared_ref[0].hex()
     if key not in _WORKER_SHARED:
         _WORKER_SHARED.clear()  # a new fleet: drop the previous one's patch
@@ -110,14 +155,14 @@ def run_ray(targets: Sequence[FleetTarget], shared: FleetShared, settings: Fleet
     decode). At most `max_in_flight` tasks are queued at a time (default: twice as many as the cluster runs at once)
     and rows are reported as tasks finish (`ray.wait`). A task whose worker died is retried, then reported as that
     adapter's error."""
-    with ray_session(address, token) as ray:
+    with ray_session(address, token) as ray, visibility_marker(settings) as marker:
         shared_ref = ray.put(ZeroCopy(shared))  # its tensors stay in shared memory: workers map them, no copy
         per_task = threads if num_cpus is None else num_cpus
         task = ray.remote(max_retries=RAY_RETRIES, num_cpus=per_task)(_ray_task)
         window = max_in_flight or max(2, int(2 * ray.cluster_resources().get("CPU", 1) / per_task))
         queue, pending = iter(targets), {}
         for target in queue:
-            pending[task.remote(target, [shared_ref], settings, threads)] = target
+            pending[task.remote(target, [shared_ref], settings, threads, marker)] = target
             if len(pending) >= window:
                 break
         while pending:
@@ -132,4 +177,4 @@ def run_ray(targets: Sequence[FleetTarget], shared: FleetShared, settings: Fleet
                 on_row(row)
                 following = next(queue, None)
                 if following is not None:
-                    pending[task.remote(following, [shared_ref], settings, threads)] = following
+                    pending[task.remote(following, [shared_ref], settings, threads, marker)] = following
