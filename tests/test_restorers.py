@@ -278,12 +278,14 @@ def test_aligned_restorers_also_run_from_a_saved_safety_patch(trio, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["nlsr-dense", "nlsr-addback"])
-def test_row_restorers_form_no_dense_update_per_adapter_once_the_patch_is_prepared(pair, name, monkeypatch):
+def test_row_restorers_form_no_dense_update_per_adapter_once_the_patch_is_prepared(pair, name, monkeypatch, capsys):
     aligned, finetuned = pair
     config = NLSRConfig(restorer=name, granularity="row", selection="fraction", fraction=0.5, sparsity_ratio=0.75)
     fresh = restore(RestoreInputs(finetuned=finetuned, patch=_patch(aligned)), config)
     prepared = _patch(aligned)
-    RESTORERS[name].prepare(prepared, config)
+    RESTORERS[name].prepare(prepared, config, progress=True)
+    bar = capsys.readouterr().err  # a bar over the modules: the preparation takes minutes on a large model
+    assert "preparing the patch's row masks" in bar and f"{len(aligned.modules)}/{len(aligned.modules)}" in bar
     assert sorted(prepared.row_memo) == [(module, 0.75) for module in sorted(aligned.modules)]
     for module, reference in aligned.modules.items():  # the memo's rows are the dense definition's
         assert torch.equal(prepared.row_memo[(module, 0.75)][0],

@@ -77,7 +77,7 @@ def prepare_shared(patcher: Any, calibration: Any = None, *, progress: bool = Tr
     if restorer.needs == "patch":
         patch = patcher.safety_patch(calibration, progress=progress)
         if restorer.prepare is not None:  # what every adapter would recompute, once: the patch carries it to the tasks
-            restorer.prepare(patch, patcher.config)
+            restorer.prepare(patch, patcher.config, progress=progress)
     else:
         aligned = patcher.aligned if patcher.aligned is not None else patcher.safety_patch().aligned_update()
     sha = patch_sha256(patch) if patch is not None else adapter_sha256(aligned)

@@ -40,14 +40,15 @@ class RestoreInputs:
 
 
 RestoreFn = Callable[..., "tuple[RealignmentPlan, LoraAdapter | None]"]
-PrepareFn = Callable[["SafetyPatch", "NLSRConfig"], None]
+PrepareFn = Callable[..., None]  # (patch, config, *, progress=False)
 
 
 @dataclass(frozen=True)
 class Restorer:
     """A registered restorer: its function, what it needs, its main knob (a `NLSRConfig` field), a line of help, and
-    optionally `prepare(patch, config)`, which computes once into the patch's memos what every fine-tuned adapter
-    would otherwise recompute (fleet mode calls it before shipping the patch to its workers)."""
+    optionally `prepare(patch, config, *, progress=False)`, which computes once into the patch's memos what every
+    fine-tuned adapter would otherwise recompute (fleet mode calls it before shipping the patch to its workers; a
+    long preparation shows a progress bar when `progress` is true)."""
 
     name: str
     fn: RestoreFn

@@ -24,6 +24,7 @@ import math
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..adapters import LoraAdapter, LoraModule, fresh_copy
 from ..config import NLSRConfig
@@ -142,11 +143,13 @@ def row_cosine(reference: LoraModule, finetuned: LoraModule, rows: torch.Tensor,
     return terms.cosine
 
 
-def _prepare_rows(patch: Any, config: NLSRConfig) -> None:
-    """Every module's row mask and reference-side norm into the patch's memo (row granularity only)."""
+def _prepare_rows(patch: Any, config: NLSRConfig, *, progress: bool = False) -> None:
+    """Every module's row mask and reference-side norm into the patch's memo (row granularity only): one dense
+    update per module, seconds to minutes for a large model, with a progress bar over the modules."""
     if config.granularity == "row" and patch.input_norms:
         buffer = DenseBuffer()
-        for name in sorted(patch.reference.modules):
+        names = sorted(patch.reference.modules)
+        for name in tqdm(names, desc="nlsr: preparing the patch's row masks", unit="module", disable=not progress):
             row_reference(patch, name, config.sparsity_ratio, buffer)
 
 

@@ -11,8 +11,8 @@ from ..plan import plan_realignment, realignment_recipe
 from . import RestoreInputs, register_restorer
 
 
-def _prepare(patch: Any, config: NLSRConfig) -> None:
-    fill_reference_norms(patch)  # the reference side of every similarity, once per patch
+def _prepare(patch: Any, config: NLSRConfig, *, progress: bool = False) -> None:
+    fill_reference_norms(patch)  # the reference side of every similarity, once per patch (r x r products: no bar)
 
 
 @register_restorer("nlsr", needs="patch", knob="prune_ratio", prepare=_prepare)
