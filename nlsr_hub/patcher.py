@@ -293,6 +293,8 @@ class NLSRPatcher:
             patch = self.safety_patch(calibration, progress=progress)
             if finetuned is not None:
                 check_same_base({"reference": patch.reference, "finetuned": target})
+            if restorer.prepare is not None:  # once per patch (kept in its memos), with a bar where it is long
+                restorer.prepare(patch, self.config, progress=progress)
             calibration_meta = patch.metadata.get("calibration", {})
         else:
             if aligned is None and self._supplied_patch is not None:

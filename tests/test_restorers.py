@@ -340,3 +340,18 @@ def test_row_scores_block_by_block_equal_the_dense_definition_bit_for_bit(monkey
         norm = torch.rand(d_in, generator=generator)
         want = (module.delta().abs() * norm.reshape(1, -1)).to(torch.float64).sum(dim=1)
         assert torch.equal(dense.row_scores(module, norm), want)
+
+
+def test_a_realignment_prepares_the_patch_once_with_a_bar(pair, capsys, monkeypatch):
+    aligned, finetuned = pair
+    config = NLSRConfig(restorer="nlsr-addback", granularity="row", sparsity_ratio=0.75)
+    patcher = NLSRPatcher(safety_patch=_patch(aligned), config=config)
+    first = patcher.realign(finetuned=finetuned, progress=True)
+    assert "preparing the patch's row masks" in capsys.readouterr().err
+
+    def no_dense(self):
+        raise AssertionError("a dense update was formed")
+
+    monkeypatch.setattr(LoraModule, "delta", no_dense)  # the patch's memo is kept: the next adapter forms none
+    again = patcher.realign(finetuned=finetuned, progress=False)
+    assert again.plan.to_json() == first.plan.to_json()
