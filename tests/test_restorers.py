@@ -283,8 +283,9 @@ def test_row_restorers_form_no_dense_update_per_adapter_once_the_patch_is_prepar
     config = NLSRConfig(restorer=name, granularity="row", selection="fraction", fraction=0.5, sparsity_ratio=0.75)
     fresh = restore(RestoreInputs(finetuned=finetuned, patch=_patch(aligned)), config)
     prepared = _patch(aligned)
+    monkeypatch.setattr("nlsr_hub.restorers.dense.BAR_DELAY", 0.0)  # a large model's preparation: minutes
     RESTORERS[name].prepare(prepared, config, progress=True)
-    bar = capsys.readouterr().err  # a bar over the modules: the preparation takes minutes on a large model
+    bar = capsys.readouterr().err  # a bar over the modules
     assert "preparing the patch's row masks" in bar and f"{len(aligned.modules)}/{len(aligned.modules)}" in bar
     assert sorted(prepared.row_memo) == [(module, 0.75) for module in sorted(aligned.modules)]
     for module, reference in aligned.modules.items():  # the memo's rows are the dense definition's
@@ -347,6 +348,9 @@ def test_a_realignment_prepares_the_patch_once_with_a_bar(pair, capsys, monkeypa
     config = NLSRConfig(restorer="nlsr-addback", granularity="row", sparsity_ratio=0.75)
     patcher = NLSRPatcher(safety_patch=_patch(aligned), config=config)
     first = patcher.realign(finetuned=finetuned, progress=True)
+    assert "preparing the patch's row masks" not in capsys.readouterr().err  # quick: no bar
+    monkeypatch.setattr("nlsr_hub.restorers.dense.BAR_DELAY", 0.0)  # as if it took longer than the delay
+    NLSRPatcher(safety_patch=_patch(aligned), config=config).realign(finetuned=finetuned, progress=True)
     assert "preparing the patch's row masks" in capsys.readouterr().err
 
     def no_dense(self):

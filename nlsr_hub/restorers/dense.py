@@ -143,13 +143,18 @@ def row_cosine(reference: LoraModule, finetuned: LoraModule, rows: torch.Tensor,
     return terms.cosine
 
 
+BAR_DELAY = 2.0  # seconds before the preparation's bar shows: only a long one (a large model) gets a bar
+
+
 def _prepare_rows(patch: Any, config: NLSRConfig, *, progress: bool = False) -> None:
     """Every module's row mask and reference-side norm into the patch's memo (row granularity only): one dense
-    update per module, seconds to minutes for a large model, with a progress bar over the modules."""
+    update per module, seconds to minutes for a large model, with a progress bar over the modules once it has
+    taken `BAR_DELAY` seconds."""
     if config.granularity == "row" and patch.input_norms:
         buffer = DenseBuffer()
         names = sorted(patch.reference.modules)
-        for name in tqdm(names, desc="nlsr: preparing the patch's row masks", unit="module", disable=not progress):
+        for name in tqdm(names, desc="nlsr: preparing the patch's row masks", unit="module", disable=not progress,
+                         delay=BAR_DELAY):
             row_reference(patch, name, config.sparsity_ratio, buffer)
 
 
