@@ -223,6 +223,15 @@ def test_a_ray_worker_that_does_not_see_the_output_folder_reports_it_in_the_row(
     assert not (tmp_path / "dry").exists()
 
 
+def test_a_relative_output_folder_is_made_absolute_for_every_worker(fleet, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = cli(capsys, "realign", "--safety-patch", fleet.patch, "--finetuned-glob", f"{fleet.adapters}/ft*",
+                     "--output", "out")
+    assert rc == 0, err
+    outputs = {row["output"] for row in rows_by_name(tmp_path / "out").values()}
+    assert outputs == {str(tmp_path / "out" / name) for name in GOOD}
+
+
 def test_a_killed_ray_fleets_visibility_marker_is_no_reason_to_refuse_the_folder(fleet, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

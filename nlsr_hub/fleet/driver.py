@@ -3,6 +3,7 @@ reads the patch once, hands the adapters to an engine, shows one progress bar an
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
@@ -159,6 +160,8 @@ def realign_fleet(
         threads: torch threads per adapter (1 makes the bytes independent of the engine).
     """
     _check_options(engine, ray_address, ray_num_cpus, threads, settings)
+    if settings.output_dir is not None:  # the same folder for a worker whose working directory is another one
+        settings = dataclasses.replace(settings, output_dir=Path(settings.output_dir).absolute())
     names = assign_names(specs)
     if settings.push_to is not None and not settings.dry_run:
         check_push_template(settings.push_to, names)
