@@ -20,6 +20,7 @@ per worker, paying the imports) are timed apart and not counted in (1); sequenti
 Usage:
   .venv/bin/python benchmarks/fleet.py                        # full size (a quiet machine: ~10 GB free disk and RAM)
   .venv/bin/python benchmarks/fleet.py --layers 2 --fleet 4   # smoke size: checks the script runs, times mean nothing
+  .venv/bin/python benchmarks/fleet.py --part 1 --workdir /dev/shm  # the disk out of the way (RAM: ~5 GB free)
 """
 
 from __future__ import annotations
