@@ -293,8 +293,6 @@ class NLSRPatcher:
             patch = self.safety_patch(calibration, progress=progress)
             if finetuned is not None:
                 check_same_base({"reference": patch.reference, "finetuned": target})
-            if restorer.prepare is not None:  # once per patch (kept in its memos), with a bar where it is long
-                restorer.prepare(patch, self.config, progress=progress)
             calibration_meta = patch.metadata.get("calibration", {})
         else:
             if aligned is None and self._supplied_patch is not None:
@@ -308,7 +306,7 @@ class NLSRPatcher:
         if finetuned_lineage is not None:
             inputs["finetuned"] = dict(finetuned_lineage)
         restore_inputs = RestoreInputs(finetuned=target, aligned=aligned, patch=patch, lineage=inputs,
-                                       calibration=calibration_meta)
+                                       calibration=calibration_meta, progress=progress)
         plan, adapter = restore(restore_inputs, self.config, build=build)
         return plan, patch, adapter
 

@@ -359,3 +359,19 @@ def test_a_realignment_prepares_the_patch_once_with_a_bar(pair, capsys, monkeypa
     monkeypatch.setattr(LoraModule, "delta", no_dense)  # the patch's memo is kept: the next adapter forms none
     again = patcher.realign(finetuned=finetuned, progress=False)
     assert again.plan.to_json() == first.plan.to_json()
+
+
+def test_an_adapter_on_other_modules_is_refused_before_the_patch_is_prepared(pair, monkeypatch):
+    from nlsr_hub.errors import AdapterError
+    from nlsr_hub.restorers import dense
+
+    aligned, finetuned = pair
+    fewer = LoraAdapter(modules=dict(list(finetuned.modules.items())[1:]), config=dict(finetuned.config))
+
+    def no_preparation(*args, **kwargs):
+        raise AssertionError("the patch was prepared for an adapter that cannot be realigned against it")
+
+    monkeypatch.setattr(dense, "row_scores", no_preparation)
+    patcher = NLSRPatcher(safety_patch=_patch(aligned), config=NLSRConfig(restorer="nlsr-addback", granularity="row"))
+    with pytest.raises(AdapterError, match="target different modules"):
+        patcher.realign(finetuned=fewer, progress=False)

@@ -37,6 +37,7 @@ class RestoreInputs:
     patch: SafetyPatch | None = None
     lineage: Mapping[str, Any] = field(default_factory=dict)  # recorded in the plan's ``inputs``
     calibration: Mapping[str, Any] = field(default_factory=dict)  # recorded in the plan's ``calibration``
+    progress: bool = False  # a bar on long work (a dense restorer's first preparation of a large patch)
 
 
 RestoreFn = Callable[..., "tuple[RealignmentPlan, LoraAdapter | None]"]

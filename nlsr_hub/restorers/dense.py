@@ -200,6 +200,7 @@ def _restore_dense(inputs: RestoreInputs, config: NLSRConfig, build: bool, opera
         raise ValueError(f"Restorer {config.restorer!r} weighs the reference by input-activation norms, and this "
                          "safety patch has none: build it with an activation scorer (`scorer='low_rank'` or 'wanda').")
     check_compatible_modules(patch.reference, target, granularity="row", restoration="neuron")
+    _prepare_rows(patch, config, progress=inputs.progress)  # once per patch, after the checks (kept in its memo)
     granularity = config.granularity
     sims, counts, rows, buffer = {}, {}, {}, DenseBuffer()
     for name in sorted(target.modules):  # at most one dense update in memory at a time
