@@ -238,20 +238,27 @@ def test_stages_skip_finished_and_redo_partial(tmp_path):
 
 
 def test_a_stage_runs_again_when_its_inputs_bytes_change_and_adopts_a_marker_without_them(tmp_path):
+    from nlsr_hub.fleet.work import files_sha256
+
     stages, calls = Stages(tmp_path / "stages"), []
-    weights = tmp_path / "adapter_model.safetensors"
-    weights.write_bytes(b"one")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"one")
+
+    def inputs():
+        return {"adapter": files_sha256(adapter)}
+
     stages.run("eval", {"m": 1}, lambda d: calls.append(1))  # made before inputs were recorded: no hashes
-    stages.run("eval", {"m": 1}, lambda d: calls.append(2), inputs={"weights": weights})
+    stages.run("eval", {"m": 1}, lambda d: calls.append(2), inputs=inputs())
     assert calls == [1]  # kept, and its input's hash recorded now
     marker = json.loads((stages.folder("eval", {"m": 1}) / "done.json").read_text())
-    assert set(marker["inputs_sha256"]) == {"weights"}
-    stages.run("eval", {"m": 1}, lambda d: calls.append(3), inputs={"weights": weights})
+    assert marker["inputs_sha256"] == inputs()
+    stages.run("eval", {"m": 1}, lambda d: calls.append(3), inputs=inputs())
     assert calls == [1]
-    weights.write_bytes(b"two")  # the same key, other bytes (a realignment made again, differently)
-    stages.run("eval", {"m": 1}, lambda d: calls.append(4), inputs={"weights": weights})
+    (adapter / "adapter_model.safetensors").write_bytes(b"two")  # the same key, other bytes (made again, differently)
+    stages.run("eval", {"m": 1}, lambda d: calls.append(4), inputs=inputs())
     assert calls == [1, 4]
-    stages.run("eval", {"m": 1}, lambda d: calls.append(5), inputs={"weights": weights})
+    stages.run("eval", {"m": 1}, lambda d: calls.append(5), inputs=inputs())
     assert calls == [1, 4]
 
 
@@ -315,8 +322,7 @@ def test_grid_tiny_end_to_end_and_cached(fake_data, tmp_path):
     markers = [json.loads(d.read_text()) for d in (tmp_path / "cache" / "experiments").glob("eval-*/done.json")]
     adapters = [json.loads(json.dumps(m.key, default=str)) for m in results["models"].values() if m.adapter]
     with_adapter = [m for m in markers if m["key"]["model"] in adapters]
-    assert len(with_adapter) == len(markers) - 1 and all(set(m["inputs_sha256"]) == {"adapter adapter_config.json",
-                                                            "adapter adapter_model.safetensors"} for m in with_adapter)
+    assert len(with_adapter) == len(markers) - 1 and all(set(m["inputs_sha256"]) == {"adapter"} for m in with_adapter)
 
     again = run_grid(TINY, out=tmp_path / "out2", **kwargs)
     assert again["stage_seconds"] == {}  # every stage came from the cache

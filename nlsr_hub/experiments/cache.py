@@ -6,8 +6,8 @@ interrupted run resumes, and runs that share settings share their stages. Nothin
 this layout: it goes through the front doors (`nlsr_hub.experiments`).
 
 Settings are not code: a stage made by older code stays cached. Two guards keep results true to what they name:
-- a stage can name input files (`run(..., inputs=)`): their sha256 goes into its marker, and a cached stage whose
-  inputs' bytes changed runs again (an evaluation of an adapter that was made again, differently);
+- a stage can name the content hashes of what it reads (`run(..., inputs=)`): they go into its marker, and a cached
+  stage whose inputs' hashes changed runs again (an evaluation of an adapter that was made again, differently);
 - stages whose names start with a prefix in `recheck` are run again into a scratch folder even when cached, and
   their weights (``*.safetensors``) compared byte for byte: the same bytes keep the cached stage, other bytes replace
   it (and the stages that read those weights then run again, by the first guard). `rechecked` says which did what.
@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ def load_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def file_sha256(path: Path) -> str:
+def _file_sha256(path: Path) -> str:
     """The sha256 of a file's bytes (streamed)."""
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
@@ -56,7 +56,7 @@ def file_sha256(path: Path) -> str:
 
 def _weights(folder: Path) -> dict[str, str]:
     """Relative path -> sha256 of every ``*.safetensors`` under `folder`."""
-    return {str(p.relative_to(folder)): file_sha256(p) for p in sorted(folder.rglob("*.safetensors"))}
+    return {str(p.relative_to(folder)): _file_sha256(p) for p in sorted(folder.rglob("*.safetensors"))}
 
 
 class Stages:
@@ -80,14 +80,14 @@ class Stages:
         """Whether the stage `name` with `key` has already run."""
         return (self.folder(name, key) / "done.json").is_file()
 
-    def run(self, name: str, key: Any, fn: Callable[[Path], None], *, inputs: dict[str, Path] | None = None
+    def run(self, name: str, key: Any, fn: Callable[[Path], None], *, inputs: Mapping[str, str] | None = None
             ) -> Path:
         """The stage's folder, after running ``fn(folder)`` unless it is done with the same key and input bytes.
 
-        `inputs`: files the stage reads, by label; their sha256 is kept in the marker. A done stage whose marker
-        has none (made before inputs were recorded) is kept and its inputs' hashes are recorded now."""
+        `inputs`: the content hashes of what the stage reads, by label, kept in the marker. A done stage whose
+        marker has none (made before inputs were recorded) is kept and the hashes are recorded now."""
         path = self.folder(name, key)
-        hashes = {label: file_sha256(file) for label, file in sorted((inputs or {}).items())}
+        hashes = dict(sorted((inputs or {}).items()))
         if (path / "done.json").is_file() and self._still_valid(name, path, hashes):
             if self.recheck and name.startswith(self.recheck):
                 self._recheck(name, key, fn, path, hashes)
@@ -158,4 +158,4 @@ class Stages:
         return load_json(path / "done.json")["seconds"]
 
 
-__all__ = ["Stages", "cache_root", "dump_json", "file_sha256", "load_json", "stage_hash"]
+__all__ = ["Stages", "cache_root", "dump_json", "load_json", "stage_hash"]

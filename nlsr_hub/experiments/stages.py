@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
+from ..adapters import load_adapter, save_adapter
 from ..config import NLSRConfig
 from ..evaluation.tasks import TaskExample, load_task_examples
+from ..fleet.work import files_sha256
 from ..reference import build_reference
 from .cache import Stages, dump_json, load_json, stage_hash
 from .data import (
@@ -306,7 +307,6 @@ def choose(ctx: Context, method: str, config: NLSRConfig, aligned: Model, ref: M
     utility check on `utility` rows of the user's task): the plan's ``choice`` record, with the sha256 of the chosen
     adapter's saved files (``adapter_sha256``) so that the same candidate realigned alone can be checked against it."""
     from ..choice import CANDIDATES, DEFAULT_PROBES, DEFAULT_TOLERANCE
-    from ..fleet.work import files_sha256
 
     rows, calib_key = calibration
     key = {"aligned": aligned.key, "config": config.cache_key(), "target": target.key, "calibration": calib_key,
@@ -343,11 +343,9 @@ def evaluate(ctx: Context, data: ExperimentData, model: Model, task_names: Seque
                                 progress=ctx.progress)
         dump_json(folder / "eval.json", result)
 
-    # the adapter's bytes, not only its key: a realignment made again, with other weights, is evaluated again
-    files = {} if model.adapter is None else {
-        f"adapter {name}": Path(model.adapter) / name for name in (CONFIG_NAME, WEIGHTS_NAME)
-        if (Path(model.adapter) / name).is_file()}
-    folder = ctx.stages.run("eval", key, run, inputs=files)
+    # the adapter's files, not only its key: a realignment made again, with other weights, is evaluated again
+    hashes = {} if model.adapter is None else {"adapter": files_sha256(Path(model.adapter))}
+    folder = ctx.stages.run("eval", key, run, inputs=hashes)
     result = load_json(folder / "eval.json")
     return {"hs": result["hs_all"], **{f"hs_{k}": v for k, v in result["hs"].items()},
             "over_refusal": result.get("over_refusal"), **{f"fa_{k}": v for k, v in result["fa"].items()},
