@@ -92,6 +92,11 @@ def write_fleet(root: Path, count: int, rank: int, layers: int) -> list[str]:
             for i in range(count)]
 
 
+def load_shared(patch: Path, config: NLSRConfig) -> FleetShared:
+    """The fleet's shared object as fleet mode makes it once per fleet: the saved patch loaded, hashed and prepared."""
+    return prepare_shared(NLSRPatcher.from_pretrained(None, safety_patch=patch, config=config), progress=False)
+
+
 def timed_fleet(patch: Path, specs: list[str], out: Path, engine: str, config: NLSRConfig,
                 ray_num_cpus: float | None = None) -> float:
     """Seconds for one fleet run (every adapter realigned and written; resume off)."""
@@ -124,22 +129,34 @@ def _pool_breakdown(job: tuple[int, str, str]) -> dict[str, float]:
     return breakdown(_POOL_SHARED["shared"], spec, Path(out) / f"{index:03d}")
 
 
+def forked_map(fn: Callable[[Any], Any], workers: int, warm: list[Any], jobs: list[Any],
+               before: Callable[[], Any] | None = None) -> tuple[list[Any], float]:
+    """`fn` over `jobs` on a pool of `workers` forked processes (which inherit `_POOL_SHARED`), warmed with `warm`,
+    the disk synced after the warm-up: the results, and the seconds from `before()` (timed, if given) to the end."""
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        pool.map(fn, warm, chunksize=1)
+        os.sync()
+        start = time.perf_counter()
+        if before is not None:
+            before()
+        results = pool.map(fn, jobs, chunksize=1)
+        elapsed = time.perf_counter() - start
+        pool.close()  # let the workers exit: a terminated fork of a Ray driver prints Ray's SIGTERM trace
+        pool.join()
+    return results, elapsed
+
+
 def contention(patch: Path, specs: list[str], out: Path, config: NLSRConfig, cores: int) -> dict[int, dict[str, float]]:
     """Where parallel adapters lose time: the fleet's phases (hash, load, realign, save; means per adapter) on forked
     pools of one process and of `cores` processes, each after a warm-up, with the disk idle before each."""
-    import multiprocessing
-
-    _POOL_SHARED["shared"] = prepare_shared(NLSRPatcher.from_pretrained(None, safety_patch=patch, config=config),
-                                            progress=False)
+    _POOL_SHARED["shared"] = load_shared(patch, config)
     phases = {}
     for workers in sorted({1, cores}):
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            pool.map(_pool_breakdown, [(i, spec, str(out / "warm")) for i, spec in enumerate(specs[:workers])])
-            os.sync()
-            times = pool.map(_pool_breakdown, [(i, spec, str(out / str(workers))) for i, spec in enumerate(specs)],
-                             chunksize=1)
-            pool.close()
-            pool.join()
+        times, _ = forked_map(_pool_breakdown, workers, [(i, spec, str(out / "warm")) for i, spec in
+                                                         enumerate(specs[:workers])],
+                              [(i, spec, str(out / str(workers))) for i, spec in enumerate(specs)])
         phases[workers] = {key: statistics.mean(t[key] for t in times) for key in times[0]}
         shutil.rmtree(out)
     return phases
@@ -148,24 +165,13 @@ def contention(patch: Path, specs: list[str], out: Path, config: NLSRConfig, cor
 def timed_pool(patch: Path, specs: list[str], out: Path, config: NLSRConfig, workers: int) -> float:
     """Seconds for the same fleet on a plain `multiprocessing` pool of `workers` forked processes that inherit the
     prepared shared object: what this machine's cores allow without any engine's overhead (a reference, not an
-    engine nlsr-hub offers). The pool is started and warmed before the timing; the timing counts the patch's loading
-    and preparation, as the engines' lines do (the forked workers see it as it is when the pool starts, so the pool
-    is warmed with a first preparation, and the timed one is put in its place before the fleet is sent)."""
-    import multiprocessing
-
-    def prepared() -> FleetShared:
-        return prepare_shared(NLSRPatcher.from_pretrained(None, safety_patch=patch, config=config), progress=False)
-
-    _POOL_SHARED["shared"] = prepared()
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        pool.map(_pool_one, [(i, spec, str(out.with_name(out.name + "-warm"))) for i, spec in
-                             enumerate(specs[:workers])], chunksize=1)
-        start = time.perf_counter()
-        _POOL_SHARED["timed"] = prepared()  # what the engines pay once per fleet (the workers keep the first one)
-        pool.map(_pool_one, [(i, spec, str(out)) for i, spec in enumerate(specs)], chunksize=1)
-        elapsed = time.perf_counter() - start
-        pool.close()  # let the workers exit: a terminated fork of a Ray driver prints Ray's SIGTERM trace
-        pool.join()
+    engine nlsr-hub offers). The pool is started and warmed before the timing; the timing counts a second loading
+    and preparation of the patch, as the engines' lines pay it (the forked workers keep the first one, which they
+    inherited when the pool started)."""
+    _POOL_SHARED["shared"] = load_shared(patch, config)
+    warm = [(i, spec, str(out.with_name(out.name + "-warm"))) for i, spec in enumerate(specs[:workers])]
+    _, elapsed = forked_map(_pool_one, workers, warm, [(i, spec, str(out)) for i, spec in enumerate(specs)],
+                            before=lambda: load_shared(patch, config))
     return elapsed
 
 
@@ -235,8 +241,7 @@ def part_throughput(root: Path, args: argparse.Namespace) -> None:
         most = max([1.0] + [1 / f for f in args.ray_fractions])
         timed_fleet(patch, specs[:int(cores * most)], root / "warm-ray", "ray", config, ray_num_cpus=1 / most)
         warm = time.perf_counter() - start
-        shipping = time_shipping(ray, prepare_shared(NLSRPatcher.from_pretrained(None, safety_patch=patch,
-                                                                                 config=config), progress=False))
+        shipping = time_shipping(ray, load_shared(patch, config))
         seconds: dict[str, list[float]] = {label: [] for label in runners}
         same: dict[str, bool] = {}
         for round_ in range(args.rounds):  # side by side: each round runs every engine once, in a rotated order
@@ -335,7 +340,7 @@ def part_cost(root: Path, args: argparse.Namespace) -> None:
         patch = write_patch(root, rank, args.layers, config)
         spec = write_fleet(root / f"cost-r{rank}", 1, rank, args.layers)[0]
         start = time.perf_counter()
-        shared = prepare_shared(NLSRPatcher.from_pretrained(None, safety_patch=patch, config=config), progress=False)
+        shared = load_shared(patch, config)
         prepared = time.perf_counter() - start
         settings = FleetSettings(output_dir=root / f"cost-out-r{rank}", resume=False)
         target = FleetTarget(index=0, spec=spec, name="adapter")
