@@ -15,25 +15,59 @@ from dataclasses import dataclass
 import torch
 
 from .adapters import LoraModule
+from .similarity import F32_EXACT, as_bytes, f32_copy
 
 
-def combine(terms: Sequence[tuple[float, LoraModule]], *, scale: float, dtype_A: torch.dtype, dtype_B: torch.dtype
-            ) -> LoraModule:
+def write_scaled(out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None, factor: float = 1.0) -> None:
+    """``out ← factor·(x ⊙ mask)`` computed in float32 and rounded to `out`'s dtype (`mask`: bool, broadcast to `x`).
+
+    Where that is exact without float32 (no factor, `x` already in `out`'s dtype and held exactly by float32:
+    a product with 0 or 1 rounds to itself), it runs in `x`'s own dtype, with no float32 copy. The mask is applied
+    before the factor, so a masked-out entry is 0 whatever the factor."""
+    if factor == 1.0 and x.dtype == out.dtype and x.dtype in F32_EXACT:
+        if mask is None:
+            out.copy_(x)
+        else:
+            torch.mul(x, as_bytes(mask), out=out)
+        return
+    x32 = f32_copy(x)
+    if mask is not None:
+        x32.mul_(as_bytes(mask))
+    out.copy_(x32 if factor == 1.0 else x32.mul_(factor))
+
+
+def combine(terms: Sequence[tuple[float, LoraModule]], *, scale: float, dtype_A: torch.dtype, dtype_B: torch.dtype,
+            rows: Sequence[torch.Tensor | None] | None = None) -> LoraModule:
     """The exact LoRA of ``Σ c·ΔW(module)`` over `terms` ``(c, module)`` at `scale` (rank = the sum of ranks).
-    Terms with ``c == 0`` are dropped."""
-    kept = [(c, m) for c, m in terms if c != 0.0]
+    `rows`, one per term, restricts a term's update to the output rows where its d_out bool mask is true (None: all
+    rows). Terms with ``c == 0`` are dropped. Each block is written once into the result, in float32 and rounded to
+    `dtype_A` / `dtype_B` (the same bits as concatenating float32 copies and rounding the whole)."""
+    masks = list(rows) if rows is not None else [None] * len(terms)
+    if len(masks) != len(terms):
+        raise ValueError(f"`combine` got {len(terms)} terms and {len(masks)} row masks; give one mask (or None) per "
+                         "term.")
+    kept = [(c, m, r) for (c, m), r in zip(terms, masks, strict=True) if c != 0.0]
     if not kept:
         raise ValueError("`combine` needs at least one term with a non-zero coefficient.")
-    A = torch.cat([m.A.to(torch.float32) for _, m in kept], dim=0)
-    B = torch.cat([m.B.to(torch.float32) * (c * m.scale / scale) for c, m in kept], dim=1)
-    return LoraModule(A.to(dtype_A), B.to(dtype_B), scale)
+    (d_out, d_in), first = kept[0][1].shape, kept[0][1]
+    total = sum(m.rank for _, m, _ in kept)
+    A = torch.empty(total, d_in, dtype=dtype_A, device=first.A.device)
+    B = torch.empty(d_out, total, dtype=dtype_B, device=first.B.device)
+    start = 0
+    for c, m, r in kept:
+        stop = start + m.rank
+        write_scaled(A[start:stop], m.A)
+        write_scaled(B[:, start:stop], m.B, None if r is None else r.reshape(-1, 1), c * m.scale / scale)
+        start = stop
+    return LoraModule(A, B, scale)
 
 
 def row_masked(module: LoraModule, rows: torch.Tensor, *, keep: bool = True) -> LoraModule:
     """The module with its update restricted to the output rows where `rows` (d_out bool) is `keep`."""
     selector = rows if keep else ~rows
-    B = module.B.to(torch.float32) * selector.reshape(-1, 1).to(torch.float32)
-    return LoraModule(module.A, B.to(module.B.dtype), module.scale)
+    B = torch.empty_like(module.B, memory_format=torch.contiguous_format)
+    write_scaled(B, module.B, selector.reshape(-1, 1))
+    return LoraModule(module.A, B, module.scale)
 
 
 @dataclass(frozen=True)

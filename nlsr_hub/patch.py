@@ -15,14 +15,12 @@ from __future__ import annotations
 import torch
 
 from .adapters import AdapterError, LoraAdapter, LoraModule
+from .lowrank import write_scaled
 from .masks import ModuleMask
 from .plan import RealignmentPlan
 from .safety_patch import SafetyPatch
 from .similarity import (
-    F32_EXACT,
     Float32Workspace,
-    as_bytes,
-    f32_copy,
     masked_squared_norm,
     naming_module,
     similarity_terms,
@@ -96,23 +94,6 @@ def neuron_counts(patch: SafetyPatch) -> dict[str, tuple[int, int]]:
     return {name: (mask.count(), mask.total()) for name, mask in patch.masks.items()}
 
 
-def _write_masked(out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None, factor: float = 1.0) -> None:
-    """``out ← factor·x ⊙ mask`` computed in float32 and rounded to `out`'s dtype (one block of Eq. 11).
-
-    Where that is exact without float32 (no factor, `x` already in `out`'s dtype and held exactly by float32:
-    a product with 0 or 1 rounds to itself), it runs in `x`'s own dtype, with no float32 copy."""
-    if factor == 1.0 and x.dtype == out.dtype and x.dtype in F32_EXACT:
-        if mask is None:
-            out.copy_(x)
-        else:
-            torch.mul(x, as_bytes(mask), out=out)
-        return
-    x32 = f32_copy(x)
-    if factor != 1.0:
-        x32.mul_(factor)
-    out.copy_(x32 if mask is None else x32.mul_(as_bytes(mask)))
-
-
 def restore_neurons(reference: LoraModule, finetuned: LoraModule, mask: ModuleMask) -> LoraModule:
     """Eq. 11 as an exact rank-(r_e + r_t) LoRA at the fine-tuned module's scale: each block written once into
     the result, the fine-tuned blocks (and the reference's A where dtypes agree) in their own dtype."""
@@ -120,10 +101,10 @@ def restore_neurons(reference: LoraModule, finetuned: LoraModule, mask: ModuleMa
     A = torch.empty(r_e + finetuned.rank, d_in, dtype=finetuned.A.dtype, device=finetuned.A.device)
     B = torch.empty(d_out, r_e + finetuned.rank, dtype=finetuned.B.dtype, device=finetuned.B.device)
     keep_A = None if mask.A is None else ~mask.A
-    _write_masked(A[:r_e], reference.A, mask.A)
-    _write_masked(A[r_e:], finetuned.A, keep_A)
-    _write_masked(B[:, :r_e], reference.B, mask.B, reference.scale / finetuned.scale)
-    _write_masked(B[:, r_e:], finetuned.B, ~mask.B)
+    write_scaled(A[:r_e], reference.A, mask.A)
+    write_scaled(A[r_e:], finetuned.A, keep_A)
+    write_scaled(B[:, :r_e], reference.B, mask.B, reference.scale / finetuned.scale)
+    write_scaled(B[:, r_e:], finetuned.B, ~mask.B)
     return LoraModule(A, B, finetuned.scale)
 
 

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,10 @@ class ModuleDecision:
     neurons_total: int
     rank: int | None = None  # the realigned module's LoRA rank, where the restorer changed it
     error: float | None = None  # relative Frobenius error of a re-factorised (truncated SVD) correction
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a dict (`dataclasses.asdict`'s output, without its deep copies: every field is a scalar)."""
+        return {name: getattr(self, name) for name in _DECISION_FIELDS}
 
     def __post_init__(self) -> None:
         """Every field checked by type and range, so a tampered plan (``patched: "false"``, similarity 5.0) is
@@ -210,7 +214,7 @@ class RealignmentPlan:
             "calibration": dict(self.calibration),
             "recipe": dict(self.recipe),
             "summary": self.summary(),
-            "modules": [asdict(m) for m in self.modules],
+            "modules": [m.to_dict() for m in self.modules],
             **({"choice": dict(self.choice)} if self.choice else {}),
         }
 

@@ -175,6 +175,40 @@ def test_combine_is_exact_and_drops_zero_terms():
     assert torch.allclose(out.delta(), a.delta() - 2.0 * b.delta(), atol=1e-5)
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def _combine_by_concatenation(terms, rows, *, scale, dtype_A, dtype_B):
+    """The earlier definition of `combine` with row masks: each masked term rounded to its own dtype, then float32
+    copies concatenated and the whole rounded once."""
+    kept = []
+    for (c, m), r in zip(terms, rows, strict=True):
+        if r is not None:
+            m = LoraModule(m.A, (m.B.to(torch.float32) * r.reshape(-1, 1).to(torch.float32)).to(m.B.dtype), m.scale)
+        kept.append((c, m))
+    A = torch.cat([m.A.to(torch.float32) for _, m in kept], dim=0)
+    B = torch.cat([m.B.to(torch.float32) * (c * m.scale / scale) for c, m in kept], dim=1)
+    return A.to(dtype_A), B.to(dtype_B)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("strength", [1.0, 1.5, -0.75])
+def test_combine_with_row_masks_gives_the_bits_of_concatenation(dtype, strength):
+    g = torch.Generator().manual_seed(3)
+    t = LoraModule(torch.randn(3, 9, generator=g).to(dtype), torch.randn(11, 3, generator=g).to(dtype), 2.0)
+    e = LoraModule(torch.randn(4, 9, generator=g).to(torch.float32), torch.randn(11, 4, generator=g).to(dtype), 0.7)
+    rows = torch.rand(11, generator=g) < 0.4
+    for masks in ([None, rows], [~rows, rows], [rows, None]):
+        terms = [(1.0, t), (strength, e)]
+        out = combine(terms, rows=masks, scale=t.scale, dtype_A=dtype, dtype_B=dtype)
+        A, B = _combine_by_concatenation(terms, masks, scale=t.scale, dtype_A=dtype, dtype_B=dtype)
+        assert out.A.dtype == out.B.dtype == dtype
+        assert torch.equal(_bits(out.A), _bits(A)) and torch.equal(_bits(out.B), _bits(B))  # signed zeros too
+    with pytest.raises(ValueError, match="one mask"):
+        combine([(1.0, t)], rows=[None, rows], scale=1.0, dtype_A=dtype, dtype_B=dtype)
+
+
 def test_restorers_are_deterministic(pair):
     aligned, finetuned = pair
     patch = _patch(aligned)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import LoraAdapter, LoraModule, fresh_copy
 from ..config import NLSRConfig
-from ..lowrank import add_dense, combine, row_masked
+from ..lowrank import add_dense, combine
 from ..masks import top_fraction_mask
 from ..plan import plan_realignment, realignment_recipe, with_outcomes
 from ..similarity import NonFiniteError, SimilarityTerms, naming_module, trace_inner
@@ -75,9 +75,10 @@ def update_cosine(delta_e: torch.Tensor, delta_t: torch.Tensor, mask: torch.Tens
 
 
 def _row_factors(module: LoraModule, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(M⊙s·B, A)`` as fresh float64 copies."""
-    B = fresh_copy(module.B, torch.float64).mul_(module.scale).mul_(rows.to(torch.float64).reshape(-1, 1))
-    return B, fresh_copy(module.A, torch.float64)
+    """``(s·B[rows], A)`` as fresh float64 copies: only the mask's rows of B. The masked update's other rows are zero
+    and add nothing to its inner products, so its trace-identity products run over the kept rows alone (a fifth of
+    d_out at the default P_SR): the same values up to float64 rounding."""
+    return fresh_copy(module.B[rows], torch.float64).mul_(module.scale), fresh_copy(module.A, torch.float64)
 
 
 class DenseBuffer:
@@ -181,9 +182,8 @@ def _restore_module(reference: LoraModule, finetuned: LoraModule, mask: torch.Te
     dtypes = {"scale": finetuned.scale, "dtype_A": finetuned.A.dtype, "dtype_B": finetuned.B.dtype}
     if mask.ndim == 1:  # rows: exact
         if operation == "transplant":
-            return combine([(1.0, row_masked(finetuned, mask, keep=False)), (1.0, row_masked(reference, mask))],
-                           **dtypes), None
-        return combine([(1.0, finetuned), (config.strength, row_masked(reference, mask))], **dtypes), None
+            return combine([(1.0, finetuned), (1.0, reference)], rows=[~mask, mask], **dtypes), None
+        return combine([(1.0, finetuned), (config.strength, reference)], rows=[None, mask], **dtypes), None
     if operation == "transplant":
         correction = mask * (reference.delta() - finetuned.delta())
     else:
