@@ -3,7 +3,8 @@
 (1) adapters per minute of `nlsr realign` fleet mode, sequential vs Ray on this machine's cores (target: Ray >= 1.7x
     on 2 cores), over a fleet of Llama-3-8B-shaped adapters (224 modules, rank 16 by default), same bytes checked,
     next to a plain forked process pool on the same fleet (a reference for what the cores allow, not an engine),
-    and where parallel adapters lose time: each phase's mean on a pool of one process and of all cores;
+    where parallel adapters lose time: each phase's mean on a pool of one process and of all cores, and this
+    machine's own ceiling: what the same pools give pure computation and pure memory copies, with no adapter;
 (2) the per-adapter cost of fleet mode for Llama-3-8B-shaped adapters at rank 16 and 128 (resolve, hash, load,
     realign, save to a new folder: one `realign_one` call, as the engines run it) against the time to copy the same
     adapter files to a new folder (target <= 1.5x), with where the time goes.
@@ -162,6 +163,42 @@ def contention(patch: Path, specs: list[str], out: Path, config: NLSRConfig, cor
     return phases
 
 
+def _probe_compute(repeats: int) -> None:
+    """Pure computation: float64 products of a 512 x 512 matrix (in cache), one torch thread."""
+    torch.set_num_threads(1)
+    a = torch.randn(512, 512, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for _ in range(repeats):
+        a @ a
+
+
+def _probe_memory(repeats: int) -> None:
+    """Pure memory traffic: copies of a 64 MiB buffer (twice the L3 cache of most servers), as an adapter's
+    conversions and copies stream its factors."""
+    torch.set_num_threads(1)
+    a = torch.ones(8 << 20, dtype=torch.float64)
+    b = torch.empty_like(a)
+    for _ in range(repeats):
+        b.copy_(a)
+
+
+PROBES = {"float64 matrix products": (_probe_compute, 150), "64 MiB memory copies": (_probe_memory, 60)}
+
+
+def machine_ceiling(cores: int, rounds: int = 3) -> dict[str, list[float]]:
+    """What this machine's cores give two kinds of pure work, with no adapter in it: the throughput of a forked pool
+    of `cores` processes over one process, each running `cores` equal jobs (label -> the ratio of each round; the
+    two pools alternate). The fleet's own ratio cannot be expected above these, least of all above the memory
+    copies': an adapter's work is mostly streaming its factors through memory."""
+    ratios: dict[str, list[float]] = {label: [] for label in PROBES}
+    for _ in range(rounds):
+        for label, (probe, repeats) in PROBES.items():
+            jobs = [repeats] * cores
+            _, one = forked_map(probe, 1, [1], jobs)
+            _, many = forked_map(probe, cores, [1] * cores, jobs)
+            ratios[label].append(one / many)
+    return ratios
+
+
 def timed_pool(patch: Path, specs: list[str], out: Path, config: NLSRConfig, workers: int) -> float:
     """Seconds for the same fleet on a plain `multiprocessing` pool of `workers` forked processes that inherit the
     prepared shared object: what this machine's cores allow without any engine's overhead (a reference, not an
@@ -262,7 +299,12 @@ def part_throughput(root: Path, args: argparse.Namespace) -> None:
         ray.shutdown()
     log("(1) where parallel adapters lose time: each phase on one process, then on all cores")
     phases = contention(patch, specs, root / "phases", config, cores)
+    log("(1) this machine's ceiling: pure computation and pure memory copies, one process, then all cores")
+    ceiling = machine_ceiling(cores)
     report_throughput(args, config, cores, seconds, same, startup=startup, warm=warm)
+    for label, ratios in ceiling.items():
+        print(f"    this machine's own ceiling, {label} (no adapter): a pool of {cores} processes does "
+              f"{statistics.median(ratios):.2f}x the work of one [rounds: {' '.join(f'{r:.2f}' for r in ratios)}]")
     for label, (put, fetch) in shipping.items():
         print(f"    the fleet's patch through Ray's object store, {label}: ray.put {put:.2f} s, a warm worker's "
               f"fetch {fetch:.2f} s (medians of 3, alternating)")
