@@ -476,7 +476,8 @@ def test_cli_serves_until_interrupted_and_opens_the_pull_request(world, tmp_path
     sha = seed_adapter(hub, "org/cli-lora", world.trio.finetuned)
     port = free_port()
     env = {**os.environ, "WEBHOOK_SECRET": SECRET, "HF_TOKEN": TOKEN, "HF_ENDPOINT": hub.url,
-           "GRADIO_ANALYTICS_ENABLED": "False", "HF_HOME": str(tmp_path / "hf_home")}
+           "GRADIO_ANALYTICS_ENABLED": "False", "HF_HOME": str(tmp_path / "hf_home"),
+           "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}  # a hung server shows its threads' stacks (below)
     command = [sys.executable, "-m", "nlsr_hub.cli", "webhook", "--safety-patch", PATCH_REPO, "--watch", "org/cli-*",
                "--port", str(port)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -502,8 +503,12 @@ def test_cli_serves_until_interrupted_and_opens_the_pull_request(world, tmp_path
         try:
             output = process.communicate(timeout=30)[0]
         except subprocess.TimeoutExpired:
-            process.kill()
-            output = process.communicate()[0]
+            process.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack, then the process ends
+            try:
+                output = process.communicate(timeout=30)[0]
+            except subprocess.TimeoutExpired:
+                process.kill()
+                output = process.communicate()[0]
     assert process.returncode == 0, output  # Ctrl-C stops it cleanly
     assert TOKEN not in output and SECRET not in output
     assert "queued job" in output and "org/cli-lora" in output  # the INFO log lines of the decisions
