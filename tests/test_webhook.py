@@ -466,21 +466,26 @@ def test_cli_checks_the_safety_patch_before_serving(tmp_path, capsys):
     assert err.startswith("nlsr webhook: error:") and err.count("\n") == 1
 
 
-def test_cli_serves_until_interrupted_and_opens_the_pull_request(world, tmp_path):
-    """`nlsr webhook` in a subprocess (secret and token from the environment, never on the command line)."""
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_cli_serves_until_stopped_and_opens_the_pull_request(world, tmp_path, stop):
+    """`nlsr webhook` in a subprocess (secret and token from the environment, never on the command line), stopped
+    by Ctrl-C (SIGINT) or as a container stops it (SIGTERM): exit 0 after a clean shutdown."""
     import signal
     import subprocess
     import sys
 
     hub = world.hub
-    sha = seed_adapter(hub, "org/cli-lora", world.trio.finetuned)
+    repo = f"org/cli-{stop.lower()}-lora"
+    sha = seed_adapter(hub, repo, world.trio.finetuned)
     port = free_port()
     env = {**os.environ, "WEBHOOK_SECRET": SECRET, "HF_TOKEN": TOKEN, "HF_ENDPOINT": hub.url,
            "GRADIO_ANALYTICS_ENABLED": "False", "HF_HOME": str(tmp_path / "hf_home"),
            "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}  # a hung server shows its threads' stacks (below)
     command = [sys.executable, "-m", "nlsr_hub.cli", "webhook", "--safety-patch", PATCH_REPO, "--watch", "org/cli-*",
                "--port", str(port)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # the server's own default SIGINT handling, whatever this process inherited (a run in the background ignores it)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -492,14 +497,14 @@ def test_cli_serves_until_interrupted_and_opens_the_pull_request(world, tmp_path
                 pass
             assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
             time.sleep(0.5)
-        status, answer = call(url + "/webhooks/realign", event("org/cli-lora", sha))
+        status, answer = call(url + "/webhooks/realign", event(repo, sha))
         assert status == 202
         cli = type("CliWorld", (), {"url": url})()
         job = wait_for(cli, answer["job"])
         assert job["state"] == "done", job
-        assert [d.title[:len(MARKER)] for d in hub.discussions("org/cli-lora")] == [MARKER]
+        assert [d.title[:len(MARKER)] for d in hub.discussions(repo)] == [MARKER]
     finally:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(getattr(signal, stop))
         try:
             output = process.communicate(timeout=30)[0]
         except subprocess.TimeoutExpired:
@@ -509,6 +514,6 @@ def test_cli_serves_until_interrupted_and_opens_the_pull_request(world, tmp_path
             except subprocess.TimeoutExpired:
                 process.kill()
                 output = process.communicate()[0]
-    assert process.returncode == 0, output  # Ctrl-C stops it cleanly
+    assert process.returncode == 0, output  # stops cleanly
     assert TOKEN not in output and SECRET not in output
-    assert "queued job" in output and "org/cli-lora" in output  # the INFO log lines of the decisions
+    assert "queued job" in output and repo in output  # the INFO log lines of the decisions

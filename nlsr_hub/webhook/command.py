@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from .settings import DESTINATIONS, SECRET_ENV, WebhookSettings
@@ -62,5 +66,26 @@ def run_webhook(args: argparse.Namespace, config: Any) -> int:
     logging.getLogger("nlsr_hub.webhook").setLevel(logging.INFO)
     print(f"nlsr webhook: checking the safety patch, then serving http://{args.host}:{args.port}/webhooks/realign "
           f"(watching {', '.join(settings.watch)}; results as {settings.destination})")
-    serve(settings, server_name=args.host, server_port=args.port, block=True)
+    with stop_on_sigterm():
+        serve(settings, server_name=args.host, server_port=args.port, block=True)
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Within the block, SIGTERM stops the server as Ctrl-C does: it stops serving, lets the running job finish and
+    exits 0. A container's stop (`docker stop`, a Space restarting, systemd) sends SIGTERM, and a process started in
+    the background (`nohup … &`) ignores Ctrl-C's SIGINT; a Python process that is a container's PID 1 would
+    otherwise ignore SIGTERM too, until it is killed mid-job. Only the main thread can set a handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
