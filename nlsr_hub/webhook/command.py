@@ -77,10 +77,10 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 @contextlib.contextmanager
 def stop_on_sigterm() -> Iterator[None]:
-    """Within the block, SIGTERM stops the server as Ctrl-C does: it stops serving, lets the running job finish and
-    exits 0. A container's stop (`docker stop`, a Space restarting, systemd) sends SIGTERM, and a process started in
-    the background (`nohup … &`) ignores Ctrl-C's SIGINT; a Python process that is a container's PID 1 would
-    otherwise ignore SIGTERM too, until it is killed mid-job. Only the main thread can set a handler."""
+    """Within the block, SIGTERM stops the server as Ctrl-C does: it stops serving, waits for the running job (up
+    to 30 s) and exits 0. A container's stop (`docker stop`, a Space restarting, systemd) sends SIGTERM, and a
+    process started in the background (`nohup … &`) ignores Ctrl-C's SIGINT; a Python process that is a container's
+    PID 1 would otherwise ignore SIGTERM too, until it is killed mid-job. Only the main thread can set a handler."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
