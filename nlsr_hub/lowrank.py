@@ -62,14 +62,6 @@ def combine(terms: Sequence[tuple[float, LoraModule]], *, scale: float, dtype_A:
     return LoraModule(A, B, scale)
 
 
-def row_masked(module: LoraModule, rows: torch.Tensor, *, keep: bool = True) -> LoraModule:
-    """The module with its update restricted to the output rows where `rows` (d_out bool) is `keep`."""
-    selector = rows if keep else ~rows
-    B = torch.empty_like(module.B, memory_format=torch.contiguous_format)
-    write_scaled(B, module.B, selector.reshape(-1, 1))
-    return LoraModule(module.A, B, module.scale)
-
-
 @dataclass(frozen=True)
 class Factorised:
     """A truncated SVD of a dense matrix: ``U·diag(S)·Vh`` of rank k, and its relative Frobenius error."""
@@ -122,4 +114,4 @@ def add_dense(module: LoraModule, correction: torch.Tensor, kept_energy: float, 
     return LoraModule(A.to(module.A.dtype), B.to(module.B.dtype), module.scale), fact
 
 
-__all__ = ["Factorised", "add_dense", "combine", "kept_rank", "row_masked", "truncated_svd"]
+__all__ = ["Factorised", "add_dense", "combine", "kept_rank", "truncated_svd", "write_scaled"]
