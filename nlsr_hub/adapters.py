@@ -53,6 +53,16 @@ def module_type(module_name: str) -> str:
     return module_name.rsplit(".", 1)[-1]
 
 
+# dtypes whose every value float32 holds exactly (a round trip through float32 is the identity)
+F32_EXACT = frozenset({torch.float32, torch.bfloat16, torch.float16})
+
+
+def as_bytes(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean mask viewed as uint8 0/1 (no copy): torch turns uint8 into floats with vector instructions but
+    bool one element at a time (~4x slower), and the 0.0/1.0 it multiplies by are the same."""
+    return mask.view(torch.uint8)
+
+
 def fresh_copy(tensor: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A fresh, contiguous copy in `dtype`. BLAS may round differently by where its inputs sit (a memory map, Ray's
     object store), so factors are multiplied from such copies, which start where the allocator aligns them."""

@@ -14,18 +14,18 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapters import LoraAdapter, LoraModule
-from .similarity import f32_copy, lowrank_cosine, lowrank_inner, naming_module
+from .adapters import LoraAdapter, LoraModule, fresh_copy
+from .similarity import lowrank_cosine, lowrank_inner, naming_module
 
 
 def project_B(aligned: LoraModule, B: torch.Tensor) -> torch.Tensor:
     """``C·B`` for the projector ``C = V·Vᵀ/‖V‖_F`` of ``V = s_a·B_a·A_a`` (float32). The factors are fresh float32
     copies: BLAS results must not depend on where an input sits (a memory map, Ray's object store)."""
-    A_a, B_a = f32_copy(aligned.A), f32_copy(aligned.B)
+    A_a, B_a = fresh_copy(aligned.A), fresh_copy(aligned.B)
     norm = abs(aligned.scale) * math.sqrt(max(lowrank_inner(B_a, A_a, B_a, A_a), 0.0))
     if norm == 0.0:
         return torch.zeros_like(B, dtype=torch.float32)
-    return (aligned.scale**2 / norm) * (B_a @ ((A_a @ A_a.T) @ (B_a.T @ f32_copy(B))))
+    return (aligned.scale**2 / norm) * (B_a @ ((A_a @ A_a.T) @ (B_a.T @ fresh_copy(B))))
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def safelora(aligned: LoraAdapter, finetuned: LoraAdapter, *, threshold: float =
     for name in names:
         ft = finetuned.modules[name]
         projected[name] = project_B(aligned.modules[name], ft.B)
-        A_t, B_t = f32_copy(ft.A), f32_copy(ft.B)
+        A_t, B_t = fresh_copy(ft.A), fresh_copy(ft.B)
         with naming_module(name):
             similarity[name] = lowrank_cosine(projected[name], A_t, B_t, A_t)
     if lowest is None:

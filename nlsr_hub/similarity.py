@@ -17,22 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapters import LoraModule, fresh_copy
+from .adapters import LoraModule, as_bytes, fresh_copy
 from .masks import ModuleMask
-
-# dtypes whose every value float32 holds exactly (a round trip through float32 is the identity)
-F32_EXACT = frozenset({torch.float32, torch.bfloat16, torch.float16})
-
-
-def as_bytes(mask: torch.Tensor) -> torch.Tensor:
-    """A boolean mask viewed as uint8 0/1 (no copy): torch turns uint8 into floats with vector instructions but
-    bool one element at a time (~4x slower), and the 0.0/1.0 it multiplies by are the same."""
-    return mask.view(torch.uint8)
-
-
-def f32_copy(t: torch.Tensor) -> torch.Tensor:
-    """A fresh, contiguous float32 copy: BLAS results must not depend on where a loaded tensor sits."""
-    return fresh_copy(t, torch.float32)
 
 
 def trace_inner(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> float:
@@ -87,12 +73,12 @@ def _terms(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tenso
 
 def lowrank_inner(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> float:
     """Frobenius inner product of ``B1 @ A1`` and ``B2 @ A2`` without forming either product (float32)."""
-    return trace_inner(f32_copy(B1), f32_copy(A1), f32_copy(B2), f32_copy(A2))
+    return trace_inner(fresh_copy(B1), fresh_copy(A1), fresh_copy(B2), fresh_copy(A2))
 
 
 def lowrank_cosine(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> float:
     """Frobenius cosine of ``B1 @ A1`` and ``B2 @ A2`` (1.0 when both are zero, 0.0 when one is; float32)."""
-    return _cosine(f32_copy(B1), f32_copy(A1), f32_copy(B2), f32_copy(A2))
+    return _cosine(fresh_copy(B1), fresh_copy(A1), fresh_copy(B2), fresh_copy(A2))
 
 
 class Float32Workspace:
