@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapters import LoraModule
-from .similarity import F32_EXACT, as_bytes, f32_copy
+from .adapters import F32_EXACT, LoraModule, as_bytes, fresh_copy
 
 
 def write_scaled(out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None, factor: float = 1.0) -> None:
@@ -30,7 +29,7 @@ def write_scaled(out: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None =
         else:
             torch.mul(x, as_bytes(mask), out=out)
         return
-    x32 = f32_copy(x)
+    x32 = fresh_copy(x)
     if mask is not None:
         x32.mul_(as_bytes(mask))
     out.copy_(x32 if factor == 1.0 else x32.mul_(factor))
@@ -49,7 +48,11 @@ def combine(terms: Sequence[tuple[float, LoraModule]], *, scale: float, dtype_A:
     kept = [(c, m, r) for (c, m), r in zip(terms, masks, strict=True) if c != 0.0]
     if not kept:
         raise ValueError("`combine` needs at least one term with a non-zero coefficient.")
-    (d_out, d_in), first = kept[0][1].shape, kept[0][1]
+    first = kept[0][1]
+    (d_out, d_in), shapes = first.shape, sorted({m.shape for _, m, _ in kept})
+    if len(shapes) > 1:
+        raise ValueError(f"`combine` needs terms of one module shape (got {shapes}): they are LoRAs of the same "
+                         "linear module.")
     total = sum(m.rank for _, m, _ in kept)
     A = torch.empty(total, d_in, dtype=dtype_A, device=first.A.device)
     B = torch.empty(d_out, total, dtype=dtype_B, device=first.B.device)

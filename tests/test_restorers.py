@@ -207,6 +207,9 @@ def test_combine_with_row_masks_gives_the_bits_of_concatenation(dtype, strength)
         assert torch.equal(_bits(out.A), _bits(A)) and torch.equal(_bits(out.B), _bits(B))  # signed zeros too
     with pytest.raises(ValueError, match="one mask"):
         combine([(1.0, t)], rows=[None, rows], scale=1.0, dtype_A=dtype, dtype_B=dtype)
+    one_wide = LoraModule(torch.ones(3, 1, dtype=dtype), torch.ones(11, 3, dtype=dtype), 1.0)  # would broadcast
+    with pytest.raises(ValueError, match="one module shape"):
+        combine([(1.0, t), (1.0, one_wide)], scale=1.0, dtype_A=dtype, dtype_B=dtype)
 
 
 def test_restorers_are_deterministic(pair):
